@@ -1,0 +1,59 @@
+"""`coatnet shard`: shard an image source into MDS datasets (pipeline.data.shard_dataset)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "shard",
+        help="shard an image dataset into MDS shards (local or s3://) on Ray workers",
+        description="Scan, preprocess and write an image source as mosaicml-streaming shards with a manifest. "
+        "Writes OUT/cfg-<config hash>/ and points OUT/LATEST at it; re-running a finished config is a no-op, "
+        "an interrupted one resumes.",
+    )
+    p.add_argument("--source", required=True,
+                   help="imagefolder:PATH | imagenet21k:PATH | imagenet1k:PATH | digits[:size=32] | "
+                        "digits21k[:rotations=4,size=32]")
+    p.add_argument("--out", required=True, help="local directory or s3://bucket/prefix")
+    p.add_argument("--max-side", type=int, default=320, help="shorter side is resized to at most this (default 320)")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--workers", type=int, default=None, help="parallel workers (default: all CPUs of the Ray cluster)")
+    p.add_argument("--minival-fraction", type=float, default=None, help="share of train held out as minival")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ray-address", default=None, help="ray://host:10001 or auto; default RAY_ADDRESS or a local Ray")
+    p.add_argument("--max-pixels", type=int, default=None, help="decompression-bomb limit (pixels)")
+    p.add_argument("--max-bad-fraction", type=float, default=None, help="fail when more inputs are bad (default 0.05)")
+    p.add_argument("--local", action="store_true", help="run in this process, without Ray")
+    p.add_argument("--restart", action="store_true", help="discard an unfinished run whose source changed")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.data import format_summary, shard_dataset
+
+    optional = {
+        "minival_fraction": args.minival_fraction,
+        "max_pixels": args.max_pixels,
+        "max_bad_fraction": args.max_bad_fraction,
+    }
+    result = shard_dataset(
+        args.source,
+        args.out,
+        max_side=args.max_side,
+        jpeg_quality=args.jpeg_quality,
+        workers=args.workers,
+        seed=args.seed,
+        ray_address=args.ray_address,
+        executor="local" if args.local else "ray",
+        progress=not args.no_progress,
+        restart=args.restart,
+        **{k: v for k, v in optional.items() if v is not None},
+    )
+    if result.skipped:
+        print(f"already done, nothing to do: {result.uri}")
+    print(format_summary(result.manifest))
+    print(f"\ndataset root: {result.uri}")
+    return 0
