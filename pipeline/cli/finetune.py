@@ -1,0 +1,85 @@
+"""`coatnet finetune`: prepare the initial weights from a pretraining checkpoint and fine-tune with the trainer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+LAUNCHERS = ("local", "torchrun", "deepspeed", "ray")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "finetune",
+        help="fine-tune a pretrained CoAtNet (21K -> 1K) at a new resolution through the DeepSpeed trainer",
+        description="Consolidate the pretraining checkpoint (DeepSpeed zero_to_fp32), initialise the classifier "
+                    "from the pretraining head (finetune.head_init: select | mean | zero), then train the recipe "
+                    "with the same trainer, checkpointing and resume as pretraining. KEY=VALUE overrides use dotted "
+                    "keys; finetune.* keys go to the fine-tuning section (e.g. finetune.pretrained=runs/pre).",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="recipe YAML (configs/finetune/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
+                   help="auto: newest complete checkpoint of this fine-tuning run; none: fresh; PATH: a checkpoint")
+    p.add_argument("--force-resume", action="store_true",
+                   help="resume even if the checkpoint was written by a different recipe (config hash)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the recipe, prepare and check the initial weights, print the plan; no training")
+    p.add_argument("--launcher", choices=LAUNCHERS, default="local", help="how ranks are started (default: local)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N", help="ranks on this machine (default: 1)")
+    ray = p.add_argument_group("Ray Train (--launcher ray)")
+    ray.add_argument("--ray-address", default=None, metavar="ADDR", help="cluster to join (default: RAY_ADDRESS)")
+    ray.add_argument("--num-workers", type=int, default=None, metavar="N", help="Ray Train workers (default: --nproc)")
+    ray.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="GPUs per worker (default: 0)")
+    ray.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C", help="CPUs per worker (default: 1)")
+    ray.add_argument("--max-failures", type=int, default=2, metavar="N", help="restarts after a lost worker")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    import os
+    from dataclasses import asdict
+
+    from pipeline.finetune import run
+    from pipeline.train.config import ConfigError
+
+    kwargs: dict = {"force_resume": args.force_resume}
+    if args.launcher == "ray":
+        from pipeline.train.launcher import RayOptions
+
+        kwargs["ray"] = RayOptions(address=args.ray_address or os.environ.get("RAY_ADDRESS"),
+                                   num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
+                                   cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures)
+    try:
+        result = run(args.config, args.overrides, launcher=args.launcher, nproc=args.nproc, resume=args.resume,
+                     dry_run=args.dry_run, **({} if args.dry_run else kwargs))
+    except ConfigError as e:
+        print(f"coatnet finetune: invalid config: {e}", file=sys.stderr)
+        return 2
+    init = result.init
+    if args.json:
+        print(json.dumps({"output_dir": result.output_dir, "init": {**asdict(init), "path": str(init.path)},
+                          "train": asdict(result.train) if result.train else None}, indent=2, default=str))
+        return 0
+    head = init.head if isinstance(init.head, dict) else asdict(init.head)
+    print(f"initial weights: {init.path} ({'reused' if init.reused else 'prepared'}; from {init.pretrained})")
+    print(f"head: {head['mode']}, {head['num_classes']} classes from {head['source_classes']}"
+          + (f", {len(head['unmatched'])} without a pretraining class" if head.get("unmatched") else ""))
+    if result.train is None:
+        from pipeline.train.launcher import plan
+
+        _, resolved = plan(result.train_config, nproc=args.nproc)
+        print(json.dumps(resolved.to_dict(), indent=2))
+        return 0
+    t = result.train
+    m = t.final_metrics
+    print(f"{'finished' if t.finished else 'stopped'} at step {t.step}/{t.total_steps}: "
+          f"loss {m.get('loss', float('nan')):.4g}, eval top-1 {m.get('eval_top1', float('nan')):.4g}")
+    for label, path in (("weights", t.weights), ("EMA weights", t.ema_weights), ("curve", t.curve_png),
+                        ("MLflow run", t.mlflow_run_id)):
+        if path:
+            print(f"{label}: {path}")
+    print(f"next: coatnet evaluate --model {result.output_dir} --data {result.train_config.data.root}")
+    return 0

@@ -1,0 +1,149 @@
+"""What ``evaluate`` can evaluate: a training run's exported weights, or a model from the MLflow registry.
+
+A run directory (local or ``s3://``) is what the trainer exports at the end::
+
+    model_config.json          the CoAtNet config (coatnet.CoAtNetConfig.to_dict)
+    model.safetensors          raw fp32 weights
+    model_ema.safetensors      fp32 EMA weights (when the recipe keeps an EMA)
+    preprocessing.json         written by the fine-tuning stage
+    config.yaml                the trainer's resolved recipe (its eval transform, when no preprocessing.json)
+
+Weights are read with safetensors only. A registry URI (``models:/NAME@ALIAS``,
+``models:/NAME/VERSION``, ``runs:/ID/model``) is loaded through MLflow's pt2 format, which
+MLflow checks to be pickle-free; its preprocessing comes from the metadata logged with it.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline import storage
+from pipeline.evaluate.preprocessing import Preprocessing
+
+CONFIG_FILE = "model_config.json"
+WEIGHT_FILES = {"raw": "model.safetensors", "ema": "model_ema.safetensors"}
+PREPROCESSING_FILE = "preprocessing.json"
+TRAIN_CONFIG_FILE = "config.yaml"  # the resolved recipe the trainer's launcher writes
+REGISTRY_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+@dataclass
+class ModelSource:
+    """Models to evaluate under one preprocessing: ``{"raw": m, "ema": m}`` or ``{"registry": m}``."""
+
+    uri: str
+    models: dict[str, nn.Module]
+    preprocessing: Preprocessing
+    num_classes: int
+    model_config: dict[str, Any] = field(default_factory=dict)
+    weight_files: dict[str, Path] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def is_registry_uri(uri: str) -> bool:
+    return str(uri).startswith(REGISTRY_SCHEMES)
+
+
+def model_from_config(model_config: dict[str, Any]) -> nn.Module:
+    """A CoAtNet from the trainer's ``model_config.json`` (or a bare ``CoAtNetConfig`` dict)."""
+    import coatnet
+
+    if isinstance(model_config.get("config"), dict):  # the trainer's export: the exact architecture
+        return coatnet.CoAtNet(coatnet.CoAtNetConfig.from_dict(model_config["config"]))
+    if "depths" in model_config:
+        return coatnet.CoAtNet(coatnet.CoAtNetConfig.from_dict(model_config))
+    return coatnet.create_model(
+        model_config["name"], num_classes=int(model_config["num_classes"]), img_size=model_config["img_size"],
+        **dict(model_config.get("overrides") or {}),
+    )
+
+
+def build_model(model_config: dict[str, Any], weights: str | Path) -> nn.Module:
+    """A CoAtNet from its config dict and a safetensors file, in eval mode on CPU (strict load)."""
+    from safetensors.torch import load_file
+
+    model = model_from_config(model_config)
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    return model.eval()
+
+
+def _img_size(model_config: dict[str, Any]) -> int:
+    img = model_config.get("img_size") or (model_config.get("config") or {}).get("img_size") or 224
+    return int(img[0] if isinstance(img, list | tuple) else img)
+
+
+def _fetch(uri: str, name: str, into: Path) -> Path | None:
+    src = storage.join(uri, name)
+    if not storage.exists(src):
+        return None
+    if not storage.is_remote(src):
+        return Path(src)
+    return storage.download_file(src, into / name)
+
+
+def load_run(uri: str, weights: tuple[str, ...] = ("raw", "ema"), *, cache_dir: str | Path | None = None) -> ModelSource:
+    """The exported weights of a training/fine-tuning run directory (local or ``s3://``)."""
+    unknown = set(weights) - set(WEIGHT_FILES)
+    if unknown:
+        raise ValueError(f"weights must be among {sorted(WEIGHT_FILES)}, got {sorted(unknown)}")
+    into = Path(cache_dir or tempfile.mkdtemp(prefix="coatnet-eval-"))
+    cfg_path = _fetch(uri, CONFIG_FILE, into)
+    if cfg_path is None:
+        raise FileNotFoundError(
+            f"{uri}: no {CONFIG_FILE}; expected a run directory the trainer exported "
+            f"({CONFIG_FILE}, {', '.join(WEIGHT_FILES.values())})"
+        )
+    model_config = json.loads(cfg_path.read_text())
+    files: dict[str, Path] = {}
+    for w in weights:
+        p = _fetch(uri, WEIGHT_FILES[w], into)
+        if p is not None:
+            files[w] = p
+    if not files:
+        raise FileNotFoundError(f"{uri}: none of {[WEIGHT_FILES[w] for w in weights]} found")
+    pre_path = _fetch(uri, PREPROCESSING_FILE, into)
+    train_cfg = None if pre_path else _fetch(uri, TRAIN_CONFIG_FILE, into)
+    if pre_path:
+        pre = Preprocessing.from_dict(json.loads(pre_path.read_text()))
+    elif train_cfg:  # a pretraining run: the trainer's own evaluation transform (center crop and all)
+        from pipeline.train.config import load_config
+
+        pre = Preprocessing.from_train_config(load_config(train_cfg, check_data=False))
+    else:  # bare weights: what the model config says, defaults otherwise
+        extra = {k: tuple(model_config[k]) for k in ("mean", "std") if model_config.get(k)}
+        pre = Preprocessing(img_size=_img_size(model_config), **extra)
+    models = {w: build_model(model_config, p) for w, p in files.items()}
+    return ModelSource(uri, models, pre, int(model_config["num_classes"]), model_config, files)
+
+
+def load_registered(uri: str, *, tracking_uri: str | None = None) -> ModelSource:
+    """A model from the MLflow registry, with the preprocessing logged alongside it."""
+    from pipeline.registry import load_model, model_metadata
+
+    meta = model_metadata(uri, tracking_uri=tracking_uri)
+    if "preprocessing" not in meta:
+        raise ValueError(f"{uri}: logged without preprocessing metadata; register it with pipeline.registry")
+    model = load_model(uri, tracking_uri=tracking_uri)
+    return ModelSource(
+        uri, {"registry": model}, Preprocessing.from_dict(meta["preprocessing"]), int(meta["num_classes"]),
+        dict(meta.get("model_config") or {}), info={k: meta[k] for k in ("top1",) if k in meta},
+    )
+
+
+def load_source(uri: str, weights: tuple[str, ...] = ("raw", "ema"), *, tracking_uri: str | None = None) -> ModelSource:
+    if is_registry_uri(uri):
+        return load_registered(uri, tracking_uri=tracking_uri)
+    return load_run(uri, weights)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
