@@ -1,0 +1,128 @@
+"""The trainer's overhead: its training step (DeepSpeed engine, ZeRO, finiteness check, loss sync)
+against a plain PyTorch step (forward, loss, backward, AdamW), same model, same batch, same process.
+
+Both sides see an identical in-memory batch, so data loading is excluded: this isolates what the
+trainer adds per step. Reported: median step time, images/s, achieved TFLOP/s (6 x analytic MACs),
+and the ratio trainer / plain images/s.
+
+    python benchmarks/train_overhead.py                                   # CPU: coatnet_pico @ 32, batch 64
+    python benchmarks/train_overhead.py --model coatnet_2 --img-size 224 --batch 128 --zero 2   # one GPU, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import coatnet  # noqa: E402
+from pipeline.train.checkpoint import CheckpointManager  # noqa: E402
+from pipeline.train.config import TrainConfig, from_dict, make_plan  # noqa: E402
+from pipeline.train.distributed import setup_distributed  # noqa: E402
+from pipeline.train.engine import build_model, initialize, input_dtype  # noqa: E402
+from pipeline.train.loss import build_loss  # noqa: E402
+from pipeline.train.metrics import StepTimer  # noqa: E402
+from pipeline.train.trainer import TrainState, train_step  # noqa: E402
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _time(step, n: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(n):
+        _sync()
+        t0 = time.perf_counter()
+        step()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="coatnet_pico")
+    p.add_argument("--img-size", type=int, default=32)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--zero", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (the launcher runs each rank with OMP_NUM_THREADS=1; more oversubscribe a busy host)")
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(a.threads)
+
+    cfg: TrainConfig = from_dict({
+        "data": {"root": "unused"}, "model": {"name": a.model, "img_size": a.img_size, "num_classes": a.classes},
+        "train": {"global_batch_size": a.batch, "max_steps": 10**6},
+        "deepspeed": {"zero_stage": a.zero}, "logging": {"mlflow": False},
+    })
+    ctx = setup_distributed()
+    plan = make_plan(cfg, ctx.world_size, train_samples=10**9, num_classes=a.classes)
+    dtype = input_dtype(cfg)
+    x = torch.randn(a.batch, 3, a.img_size, a.img_size, device=ctx.device)
+    y = torch.randint(0, a.classes, (a.batch,), device=ctx.device)
+    flops = 6 * coatnet.count(a.model, a.img_size, num_classes=a.classes)[1] * a.batch
+
+    # Baseline: the plain step the paper's recipe implies (AdamW, clipping; bf16 autocast on GPU).
+    torch.manual_seed(0)
+    plain = build_model(cfg, plan).to(ctx.device)
+    opt = torch.optim.AdamW(plain.parameters(), lr=1e-3, weight_decay=0.05, fused=torch.cuda.is_available())
+    loss_fn = build_loss(cfg.loss)
+
+    def plain_step() -> None:
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = loss_fn(plain(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+
+    torch.manual_seed(0)
+    engine, _ = initialize(build_model(cfg, plan), cfg, plan)
+    batch = {"image": x, "label": y, "key": ["k"] * a.batch}
+    batches = iter(lambda: batch, None)
+    state, timer = TrainState(), StepTimer()
+    ckpts = CheckpointManager(Path(os.devnull), keep_last=1, upload_uri=None, rank=ctx.rank, local_rank=0)
+
+    def trainer_step() -> None:
+        train_step(engine, batches, loss_fn, dtype, ctx, timer, state, cfg, plan, ckpts)
+
+    # Interleaved rounds, so that a change in machine load hits both sides alike.
+    times: dict[str, list[float]] = {"plain PyTorch step": [], f"trainer (DeepSpeed ZeRO-{a.zero})": []}
+    fns = dict(zip(times, (plain_step, trainer_step)))
+    for fn in fns.values():
+        _time(fn, 0, a.warmup)
+    for _ in range(a.rounds):
+        for name, fn in fns.items():
+            times[name] += _time(fn, a.steps, 0)
+    rows = []
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        rows.append((name, t, a.batch / t, flops / t / 1e12))
+    if ctx.rank == 0:
+        dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
+        print(f"{a.model} @ {a.img_size}px, batch {a.batch}, {dev}, {a.rounds} x {a.steps} timed steps each (median)")
+        print(f"{'':34s} {'step ms':>9s} {'images/s':>9s} {'TFLOP/s':>8s}")
+        for name, t, ips, tf in rows:
+            print(f"{name:34s} {t * 1e3:9.1f} {ips:9.1f} {tf:8.3f}")
+        print(f"ratio trainer / plain images/s: {rows[1][2] / rows[0][2]:.3f}")
+
+
+if __name__ == "__main__":
+    main()

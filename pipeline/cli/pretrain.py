@@ -1,0 +1,118 @@
+"""`coatnet pretrain`: validate a recipe, print its plan (--dry-run), or train it with a launcher."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+LAUNCHERS = ("local", "torchrun", "deepspeed", "ray")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pretrain",
+        help="pretrain a CoAtNet with DeepSpeed ZeRO from streamed shards",
+        description="Pretrain with DeepSpeed ZeRO from MDS shards. KEY=VALUE overrides use dotted config keys "
+                    "(e.g. train.epochs=3 deepspeed.zero_stage=3 data.root=s3://bucket/shards).",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="recipe YAML (configs/pretrain/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
+                   help="auto: newest complete checkpoint (local, then checkpoint.upload_uri); none: fresh run; "
+                        "PATH: a checkpoint directory or checkpoints root (default: auto)")
+    p.add_argument("--force-resume", action="store_true",
+                   help="resume even if the checkpoint was written by a different recipe (config hash)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the config and print the resolved plan without training")
+    p.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                   help="local processes, torchrun, the deepspeed launcher, or Ray Train (default: local)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N", help="ranks on this machine (default: 1)")
+    ray = p.add_argument_group("Ray Train (--launcher ray)")
+    ray.add_argument("--ray-address", default=None, metavar="ADDR",
+                     help="cluster to join (default: RAY_ADDRESS, else a local Ray is started)")
+    ray.add_argument("--num-workers", type=int, default=None, metavar="N", help="Ray Train workers (default: --nproc)")
+    ray.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="GPUs per worker (default: 0)")
+    ray.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C", help="CPUs per worker (default: 1)")
+    ray.add_argument("--max-failures", type=int, default=2, metavar="N",
+                     help="restarts from the last checkpoint after a lost worker (default: 2)")
+    p.add_argument("--json", action="store_true", help="print the result (or the dry-run plan) as JSON")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    import os
+
+    from pipeline.train.config import ConfigError
+
+    world = args.num_workers if args.launcher == "ray" and args.num_workers else args.nproc
+    try:
+        if args.dry_run:
+            return _dry_run(args, world)
+        from pipeline.train.launcher import RayOptions, launch
+
+        ray = RayOptions(address=args.ray_address or os.environ.get("RAY_ADDRESS"), num_workers=args.num_workers,
+                         gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                         max_failures=args.max_failures)
+        result = launch(args.config, args.overrides, launcher=args.launcher, nproc=args.nproc, resume=args.resume,
+                        force_resume=args.force_resume, ray=ray)
+    except ConfigError as e:
+        print(f"coatnet pretrain: invalid config: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a failed rank or a refused resume: its message, not a traceback
+        from pipeline.train.checkpoint import ResumeError
+        from pipeline.train.launcher import LaunchError
+
+        if not isinstance(e, LaunchError | ResumeError):
+            raise
+        print(f"coatnet pretrain: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(result), indent=2))
+    else:
+        m = result.final_metrics
+        print(f"{'finished' if result.finished else 'stopped'} at step {result.step}/{result.total_steps}: "
+              f"loss {m.get('loss', float('nan')):.4g}, eval top-1 {m.get('eval_top1', float('nan')):.4g}")
+        print(f"checkpoint: {result.last_checkpoint}")
+        for label, path in (("weights", result.weights), ("EMA weights", result.ema_weights),
+                            ("curve", result.curve_png), ("MLflow run", result.mlflow_run_id)):
+            if path:
+                print(f"{label}: {path}")
+    return 0
+
+
+def _dry_run(args: argparse.Namespace, world: int) -> int:
+    from pipeline.train.engine import ds_config
+    from pipeline.train.launcher import plan
+
+    cfg, p = plan(args.config, args.overrides, nproc=world)
+    info = {"config": args.config, "config_hash": cfg.config_hash, "launcher": args.launcher, **p.to_dict(),
+            "train_gflops_per_image": None if p.train_flops_per_image is None else p.train_flops_per_image / 1e9,
+            "deepspeed": ds_config(cfg, p)}
+    if args.json:
+        print(json.dumps({"plan": info, "resolved": cfg.to_dict()}, indent=2))
+        return 0
+    print(f"recipe     {cfg.name} ({args.config}), config hash {cfg.config_hash}")
+    print(f"model      {cfg.model.name} @ {cfg.model.img_size}px, {p.num_classes} classes, "
+          f"{_fmt(p.params)} params, {_fmt(p.macs_per_image)} MACs/image "
+          f"({_fmt(p.train_flops_per_image)} training FLOPs/image)")
+    print(f"world      {p.world_size} ranks via {args.launcher}, ZeRO-{cfg.deepspeed.zero_stage}")
+    print(f"batch      global {p.global_batch_size} = micro {p.micro_batch_size} x accumulation "
+          f"{p.grad_accum_steps} x {p.world_size} ranks")
+    print(f"steps      {p.total_steps} ({p.steps_per_epoch}/epoch over {p.train_samples} samples), "
+          f"warm-up {p.warmup_steps}, {cfg.schedule.type} to {cfg.optim.min_lr:g} from {cfg.optim.lr:g}")
+    print(f"data       {cfg.data.root} ({cfg.data.train_split} / {cfg.data.eval_split})")
+    print(f"output     {cfg.output_dir}")
+    print("deepspeed  " + json.dumps(info["deepspeed"]))
+    return 0
+
+
+def _fmt(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))

@@ -1,0 +1,105 @@
+"""The process group and the few collectives the loop needs, behind one small object."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.train.data import streaming_env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *_: Any, **__: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def print(self, msg: str, *, all_ranks: bool = False) -> None:
+        if all_ranks or self.rank == 0:
+            prefix = f"[rank {self.rank}] " if all_ranks else ""
+            print(f"{prefix}{msg}", flush=True)
+
+    def progress(self, *, total: int, initial: int, enabled: bool):
+        if self.rank != 0 or not enabled:
+            return _NoBar()
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True)
+
+    def all_finite(self, t: torch.Tensor) -> bool:
+        """True when ``t`` is finite on every rank (all ranks must agree to skip or stop together)."""
+        flag = torch.isfinite(t.detach()).all().to(torch.int32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def mean(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world_size
+
+    def gather(self, rows: list) -> list:
+        parts: list = [None] * self.world_size
+        dist.all_gather_object(parts, rows)
+        return [r for part in parts for r in part]
+
+    def append_jsonl(self, path: Path, row: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def setup_distributed() -> DistContext:
+    """Join (or, alone, create) the process group and make the environment agree with it.
+
+    Launchers differ in what they set: torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher only
+    LOCAL_SIZE, Ray Train its own context. Streaming reads the env, so the env is made complete here.
+    """
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not dist.is_initialized() and "RANK" not in os.environ:  # a plain `python` process: a world of one
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    import deepspeed
+
+    # Adopts a process group created by someone else (Ray Train) or creates it from the env.
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
+    streaming_env(rank, world, local_rank, local_world)
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistContext(rank, world, local_rank, local_world, device)

@@ -1,0 +1,69 @@
+"""End-of-training export (rank 0): consolidated fp32 weights, EMA weights, the model config.
+
+The raw weights come from DeepSpeed's own consolidation of the ZeRO shards
+(``get_fp32_state_dict_from_zero_checkpoint``), not a hand-written merge.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from pipeline.train.config import Plan, TrainConfig
+
+WEIGHTS = "model.safetensors"
+EMA_WEIGHTS = "model_ema.safetensors"
+MODEL_CONFIG = "model_config.json"
+
+
+def consolidate(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """One fp32 state dict from a checkpoint directory ``.../step_XXXXXXXX`` written by any number of ranks."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    checkpoint_dir = Path(checkpoint_dir)
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
+    return {k: v.detach().float().contiguous().clone() if v.is_floating_point() else v.contiguous().clone()
+            for k, v in sd.items()}
+
+
+def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> Path:
+    # clone: safetensors refuses tensors that share storage.
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(path))
+    return path
+
+
+def model_config(config: TrainConfig, plan: Plan, model) -> dict:
+    cfg = getattr(model, "config", None)
+    return {
+        "name": config.model.name,
+        "num_classes": plan.num_classes,
+        "img_size": config.model.img_size,
+        "drop_path_rate": config.model.drop_path_rate,
+        "overrides": dict(config.model.overrides),
+        "config": cfg.to_dict() if hasattr(cfg, "to_dict") else None,
+        "train_config_hash": config.config_hash,
+        "mean": list(config.augment.mean),
+        "std": list(config.augment.std),
+    }
+
+
+def export_all(engine, ema, config: TrainConfig, plan: Plan, checkpoint: Path, out: Path, ctx) -> dict:
+    """Collective (every rank calls it; rank 0 writes). Returns the paths of what was written."""
+    paths = {"weights": str(out / WEIGHTS), "model_config": str(out / MODEL_CONFIG),
+             "ema_weights": str(out / EMA_WEIGHTS) if ema else None}
+    if not config.checkpoint.export:
+        return {}
+    if ctx.rank == 0:
+        if config.deepspeed.zero_stage == 0:
+            state = {k: v.float() if v.is_floating_point() else v for k, v in engine.module.state_dict().items()}
+        else:
+            state = consolidate(checkpoint)
+        save_safetensors(state, out / WEIGHTS)
+        if ema:
+            save_safetensors(ema.export(), out / EMA_WEIGHTS)
+        (out / MODEL_CONFIG).write_text(json.dumps(model_config(config, plan, engine.module), indent=2))
+    ctx.barrier()
+    return paths
