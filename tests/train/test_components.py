@@ -166,9 +166,9 @@ def test_cli_dry_run_prints_the_plan(digits_shards, capsys):
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     plan = out["plan"]
-    assert (plan["world_size"], plan["micro_batch_size"], plan["grad_accum_steps"]) == (2, 64, 1)
+    assert (plan["world_size"], plan["micro_batch_size"], plan["grad_accum_steps"]) == (2, 32, 1)
     assert plan["num_classes"] == 20 and plan["params"] > 1e5 and plan["macs_per_image"] > 1e6
-    assert plan["steps_per_epoch"] == plan["train_samples"] // 128
+    assert plan["steps_per_epoch"] == plan["train_samples"] // 64
     assert plan["total_steps"] == math.ceil(3 * plan["steps_per_epoch"])
     assert plan["deepspeed"]["zero_optimization"]["stage"] == 2
     assert not Path(out["resolved"]["output_dir"], "checkpoints").exists()  # nothing ran

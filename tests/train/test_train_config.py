@@ -92,14 +92,14 @@ def test_unknown_key_in_file_is_named(tmp_path):
 
 
 def test_batch_split_for_world_sizes():
-    cfg = load_config(DEMO, check_data=False)  # global 128, micro 64
-    assert batch_split(cfg, 1) == (64, 2)
-    assert batch_split(cfg, 2) == (64, 1)
+    cfg = load_config(DEMO, check_data=False)  # global 64, micro 32
+    assert batch_split(cfg, 1) == (32, 2)
+    assert batch_split(cfg, 2) == (32, 1)
     for world in (3, 4):
-        with pytest.raises(ConfigError, match=r"train\.global_batch_size: 128 is not a multiple"):
+        with pytest.raises(ConfigError, match=r"train\.global_batch_size: 64 is not a multiple"):
             batch_split(cfg, world)
     auto = load_config(DEMO, ["train.micro_batch_size=null"], check_data=False)
-    assert batch_split(auto, 4) == (32, 1)
+    assert batch_split(auto, 4) == (16, 1)
     with pytest.raises(ConfigError, match="cannot be split evenly over 3 ranks"):
         batch_split(auto, 3)
 
