@@ -16,6 +16,13 @@ from collections.abc import Sequence
 # Order is the order of `coatnet --help`.
 COMMANDS: tuple[str, ...] = (
     "models",
+    "cluster",
+    "shard",
+    "shards",
+    "pretrain",
+    "finetune",
+    "evaluate",
+    "register",
 )
 
 
