@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m pipeline.demo
+	$(PY) -m flows.demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -96,7 +96,7 @@ def report(result: Mapping[str, Any], *, elapsed_s: float | None = None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m flows.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--run-name", default=None,
                         help="name of the run (default: demo-<time>); the same name resumes an interrupted demo")
     parser.add_argument("--pretrain-override", action="append", default=[], metavar="KEY=VALUE")
