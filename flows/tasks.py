@@ -295,7 +295,7 @@ def register(model_dir: str, evaluation: dict, *, model_name: str, tracking_uri:
 
 def tracking_uri(uri: str | None) -> str:
     """The MLflow store every stage of a run uses: explicit, else MLFLOW_TRACKING_URI, else ./mlflow.db."""
-    from pipeline.registry.tracking import resolve_tracking_uri
+    from pipeline.tracking import resolve_tracking_uri
 
     resolved = resolve_tracking_uri(uri)
     if resolved.startswith("sqlite:///") and not resolved.startswith("sqlite:////"):

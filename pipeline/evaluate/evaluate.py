@@ -96,7 +96,7 @@ def evaluate(
     (``raw``/``ema`` or ``registry``) top-1, top-5, loss, ECE, per-class accuracy and
     throughput; ``best`` names the weights with the highest top-1.
     """
-    from pipeline.registry.secrets import scrub_text
+    from pipeline.secrets import scrub_text
 
     source = model if isinstance(model, ModelSource) else load_source(model, weights, tracking_uri=tracking_uri)
     manifest = read_manifest(data)
@@ -195,23 +195,11 @@ def _progress(total: int | None, enabled: bool, desc: str):
 
 def _log_mlflow(report: dict, out: Path, run_id: str | None, experiment: str, tracking_uri: str | None) -> str:
     import mlflow
-    from mlflow.exceptions import MlflowException
 
-    from pipeline.registry.tracking import configure
+    from pipeline.tracking import configure, run_kwargs
 
     configure(tracking_uri)
-    kwargs: dict[str, Any] = {}
-    if run_id:
-        try:
-            existing = mlflow.MlflowClient().get_run(run_id)
-            # fluent start_run refuses a run outside the active experiment (set by an earlier call).
-            mlflow.set_experiment(experiment_id=existing.info.experiment_id)
-            kwargs["run_id"] = run_id
-        except MlflowException:
-            log.warning("run %s is not on this tracking server; logging the evaluation to a new run", run_id)
-    if "run_id" not in kwargs:
-        mlflow.set_experiment(experiment)
-        kwargs["run_name"] = f"evaluate-{report['split']}"
+    kwargs = run_kwargs(run_id, experiment, f"evaluate-{report['split']}")
     nested = mlflow.active_run() is not None and "run_id" not in kwargs
     with mlflow.start_run(nested=nested, **kwargs) as run:
         split = report["split"]

@@ -17,10 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipeline.finetune.head import HEAD_MODES
-from pipeline.train.config import ConfigError, TrainConfig, apply_overrides, check_shards, from_dict
+from pipeline.train.config import (
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    check_shards,
+    from_dict,
+    read_recipe,
+)
 
 SECTION = "finetune"
 
@@ -81,13 +86,4 @@ def from_mapping(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = 
 def load_finetune_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
                          check_data: bool = True) -> FinetuneConfig:
     """Load, override and validate a fine-tuning recipe (``configs/finetune/*.yaml``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    return from_mapping(data, list(overrides), check_data=check_data)
+    return from_mapping(read_recipe(path), list(overrides), check_data=check_data)

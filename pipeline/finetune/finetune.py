@@ -39,7 +39,6 @@ INIT_META = "init.json"
 FINETUNE_JSON = "finetune.json"
 PREPROCESSING_JSON = "preprocessing.json"
 TIMM_PREFIX = "timm:"
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 @dataclass
@@ -198,7 +197,7 @@ def prepare_init_weights(cfg: FinetuneConfig, *, force: bool = False) -> Prepare
     tmp = init.with_name(f".{init.name}.tmp")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     tmp.replace(init)
-    from pipeline.registry.secrets import scrub_text
+    from pipeline.secrets import scrub_text
 
     prepared = PreparedInit(init, head.to_dict(), scrub_text(ft.pretrained), checkpoint and scrub_text(checkpoint),
                             _pretrain_run_id(ft.pretrained), fp)
@@ -219,15 +218,11 @@ def run(
 ) -> FinetuneResult:
     """Fine-tune: prepare ``init.safetensors``, then ``pipeline.train.launch`` the recipe with it."""
     from pipeline.evaluate.preprocessing import Preprocessing
-    from pipeline.registry.secrets import scrub
+    from pipeline.secrets import scrub
 
     cfg = config if isinstance(config, FinetuneConfig) else load_finetune_config(config, list(overrides))
     if isinstance(config, FinetuneConfig) and overrides:
         raise ValueError("overrides go with a config path; apply them before building a FinetuneConfig")
-    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if env_uri and cfg.train.logging.mlflow_tracking_uri == DEFAULT_TRACKING_URI:
-        # The environment names the team's server; the recipe only holds the local default.
-        cfg = cfg.replace_train(logging=dataclasses.replace(cfg.train.logging, mlflow_tracking_uri=env_uri))
     prepared = prepare_init_weights(cfg)
     train_cfg = cfg.train.replace(model=dataclasses.replace(cfg.train.model, init_weights=str(prepared.path)))
     out = Path(train_cfg.output_dir)

@@ -15,8 +15,8 @@ from pipeline.registry.registry import (
     register,
     register_model,
 )
-from pipeline.registry.secrets import scrub
-from pipeline.registry.tracking import DEFAULT_TRACKING_URI, configure, resolve_tracking_uri
+from pipeline.secrets import scrub
+from pipeline.tracking import DEFAULT_TRACKING_URI, configure, resolve_tracking_uri
 
 __all__ = [
     "CANDIDATE",

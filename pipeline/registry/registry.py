@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from pipeline.registry.lineage import lineage_tags
-from pipeline.registry.secrets import flatten, scrub
-from pipeline.registry.tracking import configure
+from pipeline.secrets import flatten, scrub
+from pipeline.tracking import configure, run_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,6 @@ def register_model(
     ``validate``: MLflow reloads the saved model and runs the input example through it.
     """
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     configure(tracking_uri)
     model = model.eval().cpu()
@@ -166,20 +165,7 @@ def register_model(
         "weights_file": Path(weights_file).name,
         "top1": top1,
     }
-    run_kwargs: dict[str, Any] = {}
-    if run_id:
-        try:
-            existing = mlflow.MlflowClient().get_run(run_id)
-            # fluent start_run refuses a run outside the active experiment (set by an earlier call).
-            mlflow.set_experiment(experiment_id=existing.info.experiment_id)
-            run_kwargs["run_id"] = run_id
-        except MlflowException:
-            log.warning("run %s is not on this tracking server; logging to a new run", run_id)
-    if "run_id" not in run_kwargs:
-        mlflow.set_experiment(experiment)
-        run_kwargs["run_name"] = f"register-{name}"
-
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(**run_kwargs) as run:
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(**run_kwargs(run_id, experiment, f"register-{name}")) as run:
         extra = [str(weights_file)]
         for fname, obj in (
             ("model_config.json", meta["model_config"]),
@@ -278,7 +264,7 @@ def register(
     from pipeline.evaluate import load_evaluation, load_run, read_manifest
     from pipeline.finetune import read_lineage
     from pipeline.finetune.finetune import FINETUNE_JSON
-    from pipeline.registry.secrets import scrub_text
+    from pipeline.secrets import scrub_text
 
     ev = dict(evaluation) if isinstance(evaluation, Mapping) else load_evaluation(evaluation)
     which = ev["best"] if weights == "best" else weights

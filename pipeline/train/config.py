@@ -169,7 +169,7 @@ class CheckpointConfig:
 class LoggingConfig:
     interval_steps: int = 10
     mlflow: bool = True
-    mlflow_tracking_uri: str = "sqlite:///mlflow.db"
+    mlflow_tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     mlflow_experiment: str = "coatnet-pretrain"
     # Peak dense TFLOP/s of one device for the utilisation figure; None: known GPU table or none on CPU.
     peak_tflops: float | None = None
@@ -336,8 +336,8 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     return data
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, check_data: bool = True) -> TrainConfig:
-    """Load, override and validate a recipe. ``check_data`` also checks the shards exist."""
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe file's top-level mapping, or a ConfigError that names the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -347,7 +347,12 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    cfg = from_dict(apply_overrides(data, list(overrides)))
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, check_data: bool = True) -> TrainConfig:
+    """Load, override and validate a recipe. ``check_data`` also checks the shards exist."""
+    cfg = from_dict(apply_overrides(read_recipe(path), list(overrides)))
     if check_data:
         check_shards(cfg)
     return cfg

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import storage
+from pipeline.tracking import resolve_tracking_uri
 from pipeline.train.config import (
     ConfigError,
     Plan,
@@ -77,7 +78,7 @@ def absolutize(cfg: TrainConfig) -> TrainConfig:
     def a(p: str | None) -> str | None:
         return p if p is None or storage.is_remote(p) else str(Path(p).resolve())
 
-    uri = cfg.logging.mlflow_tracking_uri
+    uri = resolve_tracking_uri(cfg.logging.mlflow_tracking_uri)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     init = cfg.model.init_weights

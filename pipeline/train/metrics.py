@@ -12,6 +12,9 @@ from typing import Any
 
 import torch
 
+from pipeline.secrets import scrub
+from pipeline.tracking import resolve_tracking_uri
+
 # Dense bf16 peak TFLOP/s per device, from the vendors' data sheets (no sparsity).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
@@ -84,13 +87,14 @@ class MetricsSink:
         if mlflow_cfg.mlflow:
             import mlflow
 
-            mlflow.set_tracking_uri(mlflow_cfg.mlflow_tracking_uri)
+            mlflow.set_tracking_uri(resolve_tracking_uri(mlflow_cfg.mlflow_tracking_uri))
             mlflow.set_experiment(mlflow_cfg.mlflow_experiment)
             # A resumed run continues the same MLflow run, so its curves stay one curve.
             run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=run_name)
             self.run_id = run.info.run_id
             if not run_id:
-                items = [(k, str(v)[:500]) for k, v in params.items()]
+                # Params are readable by anyone with access to the server: no credentials in them.
+                items = [(k, str(v)[:500]) for k, v in scrub(params).items()]
                 for i in range(0, len(items), 90):  # tracking stores take at most 100 params per batch
                     mlflow.log_params(dict(items[i:i + 90]))
             self.mlflow = mlflow

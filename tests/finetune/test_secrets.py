@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.registry import lineage_tags, model_name, scrub
-from pipeline.registry.secrets import REDACTED, scrub_text
+from pipeline.secrets import REDACTED, scrub_text
 
 
 def test_scrub_redacts_secret_names_values_and_url_credentials():

@@ -208,3 +208,21 @@ def test_stale_shared_memory_of_a_crashed_run_is_released(digits_shards, tmp_pat
     assert registered_prefixes([local]) == []
     ds = StreamingDataset(remote=remote, local=local, batch_size=4)
     assert len(ds) > 0
+
+
+def test_metrics_sink_follows_the_tracking_env_and_logs_no_credentials(tmp_path, monkeypatch):
+    import mlflow
+
+    from pipeline.train.config import LoggingConfig
+    from pipeline.train.metrics import MetricsSink
+
+    db = f"sqlite:///{tmp_path / 'env.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", db)  # the recipe leaves the URI unset: the environment decides
+    key = "AKIA" + "ABCDEFGHIJKLMNOP"
+    sink = MetricsSink(tmp_path / "out", enabled=True, mlflow_cfg=LoggingConfig(mlflow_experiment="sink-test"),
+                       run_name="sink", run_id=None,
+                       params={"checkpoint.upload_uri": f"https://{key}:pw@store.example/ckpt", "optim.lr": 0.1})
+    sink.close()
+    params = mlflow.MlflowClient(db).get_run(sink.run_id).data.params
+    assert params["optim.lr"] == "0.1"
+    assert key not in params["checkpoint.upload_uri"] and "pw" not in params["checkpoint.upload_uri"]
