@@ -75,6 +75,11 @@ def s3_client():
     return _client_for(endpoint_url())
 
 
+def reset_clients() -> None:
+    """Forget cached clients, so the next one reads the endpoint and credentials anew (after they changed)."""
+    _client_for.cache_clear()
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

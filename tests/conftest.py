@@ -52,6 +52,16 @@ def s3_endpoint() -> Iterator[str]:
 _S3_ENV = ("S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_s3_clients() -> Iterator[None]:
+    # boto3 clients are cached per endpoint with the credentials they found; tests change both.
+    from pipeline import storage
+
+    storage.reset_clients()
+    yield
+    storage.reset_clients()
+
+
 @pytest.fixture
 def s3_bucket(s3_endpoint: str) -> str:
     """A fresh, empty bucket on the local S3 server; returns ``s3://NAME``."""

@@ -7,20 +7,13 @@ from collections.abc import Iterator
 import pytest
 from shard_helpers import FaultyProxy
 
-from pipeline import storage
 
-
-@pytest.fixture(autouse=True)
-def _fresh_s3_clients():
-    # boto3 clients are cached per endpoint with the credentials they found; tests change both.
-    storage._client_for.cache_clear()
-    yield
-    storage._client_for.cache_clear()
-
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session(s3_endpoint: str) -> Iterator[str]:
-    """One small local Ray for the whole session (start-up is slow on 2 cores); yields its address.
+    """One small local Ray for the module's tests (start-up is slow on 2 cores); yields its address.
+
+    Module-scoped, not session-scoped: other areas start Ray clusters of their own (with a dashboard, for
+    Ray Jobs), and ``ray.init`` refuses a second cluster in a process that still holds one.
 
     Depends on ``s3_endpoint`` so that Ray's workers inherit the S3 endpoint and test credentials.
     """

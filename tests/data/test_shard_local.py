@@ -155,12 +155,12 @@ def test_verify_catches_a_corrupted_shard_on_s3(s3_bucket, tmp_path, capsys):
 def test_transient_s3_errors_are_survived(s3_bucket, faulty_proxy, monkeypatch, tmp_path):
     with faulty_proxy(fail_every=5) as proxy:
         monkeypatch.setenv("S3_ENDPOINT_URL", proxy.url)
-        storage._client_for.cache_clear()
+        storage.reset_clients()
         res = shard_dataset("digits", f"{s3_bucket}/flaky", executor="local", progress=False, part_size=1024)
         assert proxy.failed >= 5, proxy.failed  # the failure path really ran
         assert verify_shards(res.uri).ok
     monkeypatch.undo()
-    storage._client_for.cache_clear()
+    storage.reset_clients()
     keys = [s["key"] for split in ("train", "minival", "val") for s in read_split(res.uri, split, tmp_path)]
     assert len(keys) == len(set(keys)) == 1797
 

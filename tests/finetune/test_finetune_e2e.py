@@ -182,7 +182,7 @@ def test_pretrained_beats_scratch_and_the_gate_keeps_the_worse_model_out(
 def test_consolidate_a_checkpoint_from_object_storage(demo_pretrained, s3_bucket, tmp_path):
     from pipeline import storage
 
-    storage._client_for.cache_clear()  # the S3 fixture set the endpoint and credentials
+    storage.reset_clients()  # the S3 fixture set the endpoint and credentials
     storage.upload_dir(demo_pretrained / "checkpoints", f"{s3_bucket}/pretrain/checkpoints")
     local = load_file(str(consolidate(demo_pretrained, tmp_path / "local.safetensors")))
     for uri in (f"{s3_bucket}/pretrain", f"{s3_bucket}/pretrain/checkpoints"):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny
 from safetensors.torch import load_file
+from train_helpers import tiny
 
 import coatnet
 from pipeline.train import LaunchError, launch
