@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-LAUNCHERS = ("local", "torchrun", "deepspeed", "ray")
+from pipeline.cli.pretrain import add_launch_arguments, ray_options
 
 
 def register(subparsers) -> None:
@@ -20,26 +20,13 @@ def register(subparsers) -> None:
     )
     p.add_argument("--config", required=True, metavar="FILE", help="recipe YAML (configs/finetune/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
-                   help="auto: newest complete checkpoint of this fine-tuning run; none: fresh; PATH: a checkpoint")
-    p.add_argument("--force-resume", action="store_true",
-                   help="resume even if the checkpoint was written by a different recipe (config hash)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="validate the recipe, prepare and check the initial weights, print the plan; no training")
-    p.add_argument("--launcher", choices=LAUNCHERS, default="local", help="how ranks are started (default: local)")
-    p.add_argument("--nproc", type=int, default=1, metavar="N", help="ranks on this machine (default: 1)")
-    ray = p.add_argument_group("Ray Train (--launcher ray)")
-    ray.add_argument("--ray-address", default=None, metavar="ADDR", help="cluster to join (default: RAY_ADDRESS)")
-    ray.add_argument("--num-workers", type=int, default=None, metavar="N", help="Ray Train workers (default: --nproc)")
-    ray.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="GPUs per worker (default: 0)")
-    ray.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C", help="CPUs per worker (default: 1)")
-    ray.add_argument("--max-failures", type=int, default=2, metavar="N", help="restarts after a lost worker")
+    add_launch_arguments(
+        p, resume_help="auto: newest complete checkpoint of this fine-tuning run; none: fresh; PATH: a checkpoint")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    import os
     from dataclasses import asdict
 
     from pipeline.finetune import run
@@ -47,11 +34,7 @@ def main(args: argparse.Namespace) -> int:
 
     kwargs: dict = {"force_resume": args.force_resume}
     if args.launcher == "ray":
-        from pipeline.train.launcher import RayOptions
-
-        kwargs["ray"] = RayOptions(address=args.ray_address or os.environ.get("RAY_ADDRESS"),
-                                   num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
-                                   cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures)
+        kwargs["ray"] = ray_options(args)
     try:
         result = run(args.config, args.overrides, launcher=args.launcher, nproc=args.nproc, resume=args.resume,
                      dry_run=args.dry_run, **({} if args.dry_run else kwargs))

@@ -18,9 +18,16 @@ def register(subparsers) -> None:
     )
     p.add_argument("--config", required=True, metavar="FILE", help="recipe YAML (configs/pretrain/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
-                   help="auto: newest complete checkpoint (local, then checkpoint.upload_uri); none: fresh run; "
-                        "PATH: a checkpoint directory or checkpoints root (default: auto)")
+    add_launch_arguments(
+        p, resume_help="auto: newest complete checkpoint (local, then checkpoint.upload_uri); none: fresh run; "
+                       "PATH: a checkpoint directory or checkpoints root (default: auto)")
+    p.add_argument("--json", action="store_true", help="print the result (or the dry-run plan) as JSON")
+    p.set_defaults(func=main)
+
+
+def add_launch_arguments(p: argparse.ArgumentParser, *, resume_help: str) -> None:
+    """Resume, launcher and Ray Train flags: shared by every command that trains (pretrain, finetune)."""
+    p.add_argument("--resume", default="auto", metavar="auto|none|PATH", help=resume_help)
     p.add_argument("--force-resume", action="store_true",
                    help="resume even if the checkpoint was written by a different recipe (config hash)")
     p.add_argument("--dry-run", action="store_true",
@@ -36,26 +43,30 @@ def register(subparsers) -> None:
     ray.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C", help="CPUs per worker (default: 1)")
     ray.add_argument("--max-failures", type=int, default=2, metavar="N",
                      help="restarts from the last checkpoint after a lost worker (default: 2)")
-    p.add_argument("--json", action="store_true", help="print the result (or the dry-run plan) as JSON")
-    p.set_defaults(func=main)
+
+
+def ray_options(args: argparse.Namespace):
+    """The Ray Train options of ``add_launch_arguments``' flags."""
+    import os
+
+    from pipeline.train.launcher import RayOptions
+
+    return RayOptions(address=args.ray_address or os.environ.get("RAY_ADDRESS"), num_workers=args.num_workers,
+                      gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                      max_failures=args.max_failures)
 
 
 def main(args: argparse.Namespace) -> int:
-    import os
-
     from pipeline.train.config import ConfigError
 
     world = args.num_workers if args.launcher == "ray" and args.num_workers else args.nproc
     try:
         if args.dry_run:
             return _dry_run(args, world)
-        from pipeline.train.launcher import RayOptions, launch
+        from pipeline.train.launcher import launch
 
-        ray = RayOptions(address=args.ray_address or os.environ.get("RAY_ADDRESS"), num_workers=args.num_workers,
-                         gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                         max_failures=args.max_failures)
         result = launch(args.config, args.overrides, launcher=args.launcher, nproc=args.nproc, resume=args.resume,
-                        force_resume=args.force_resume, ray=ray)
+                        force_resume=args.force_resume, ray=ray_options(args))
     except ConfigError as e:
         print(f"coatnet pretrain: invalid config: {e}", file=sys.stderr)
         return 2
