@@ -70,6 +70,15 @@ def transient(task, task_run, state) -> bool:
     return True
 
 
+# How every I/O task retries: exponential back-off with jitter, and only failures a retry can fix.
+IO_RETRY: dict[str, Any] = {
+    "retries": IO_RETRIES,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=IO_BACKOFF_S),
+    "retry_jitter_factor": 0.5,
+    "retry_condition_fn": transient,
+}
+
+
 # --------------------------------------------------------------------------------------------- sharding
 class CachedShardsInvalid(RuntimeError):
     """Shards of the same config exist but do not match their manifest; nothing is deleted automatically."""
@@ -77,10 +86,7 @@ class CachedShardsInvalid(RuntimeError):
 
 @task(
     name="shard-dataset",
-    retries=IO_RETRIES,
-    retry_delay_seconds=exponential_backoff(backoff_factor=IO_BACKOFF_S),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=transient,
+    **IO_RETRY,
     task_run_name="shard {spec.source}",
 )
 def shard(spec: DataSpec, out: str) -> dict[str, Any]:
@@ -276,10 +282,7 @@ def evaluation_summary(report: Mapping[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- register
 @task(
     name="register",
-    retries=IO_RETRIES,
-    retry_delay_seconds=exponential_backoff(backoff_factor=IO_BACKOFF_S),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=transient,
+    **IO_RETRY,
     task_run_name="register {model_name}",
 )
 def register(model_dir: str, evaluation: dict, *, model_name: str, tracking_uri: str | None,
