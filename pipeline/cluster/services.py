@@ -105,30 +105,16 @@ def mlflow(spec: ClusterSpec) -> list[dict]:
     else:
         env = [{"name": "MLFLOW_DB_URI", "valueFrom": {"secretKeyRef": {"name": DB_SECRET, "key": "uri"}}}]
     env.append({"name": "AWS_DEFAULT_REGION", "value": spec.region})
-    dep = {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(spec, "mlflow", "mlflow"),
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": sel},
-            "template": {
-                "metadata": {"labels": sel},
-                "spec": {
-                    "serviceAccountName": spec.service_account,
-                    "containers": [{
-                        "name": "mlflow",
-                        "image": spec.image,
-                        "command": ["mlflow"],
-                        "args": mlflow_server_args(spec),
-                        "env": env,
-                        "ports": [{"containerPort": MLFLOW_PORT, "name": "http"}],
-                        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
-                        "readinessProbe": {"httpGet": {"path": "/health", "port": MLFLOW_PORT},
-                                           "periodSeconds": 10},
-                    }],
-                },
-            },
-        },
-    }
+    dep = _deployment(spec, "mlflow", {
+        "name": "mlflow",
+        "image": spec.image,
+        "command": ["mlflow"],
+        "args": mlflow_server_args(spec),
+        "env": env,
+        "ports": [{"containerPort": MLFLOW_PORT, "name": "http"}],
+        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
+        "readinessProbe": {"httpGet": {"path": "/health", "port": MLFLOW_PORT}, "periodSeconds": 10},
+    })
     svc = {
         "apiVersion": "v1", "kind": "Service", "metadata": _meta(spec, "mlflow", "mlflow"),
         "spec": {"selector": sel, "ports": [{"name": "http", "port": MLFLOW_PORT, "targetPort": MLFLOW_PORT}]},
@@ -142,34 +128,35 @@ def prefect_worker_command(spec: ClusterSpec) -> list[str]:
 
 
 def prefect_worker(spec: ClusterSpec) -> dict:
-    sel = labels(spec, "prefect-worker")
+    return _deployment(spec, "prefect-worker", {
+        "name": "prefect-worker",
+        "image": spec.image,
+        "workingDir": APP_DIR,
+        "command": prefect_worker_command(spec),
+        "env": [
+            {"name": "PREFECT_API_URL",
+             "valueFrom": {"secretKeyRef": {"name": PREFECT_SECRET, "key": "url"}}},
+            {"name": "PREFECT_API_KEY",
+             "valueFrom": {"secretKeyRef": {"name": PREFECT_SECRET, "key": "key", "optional": True}}},
+            {"name": "RAY_ADDRESS", "value": ray_dashboard_address(spec)},
+            {"name": "MLFLOW_TRACKING_URI", "value": mlflow_tracking_uri(spec)},
+            {"name": "AWS_DEFAULT_REGION", "value": spec.region},
+        ],
+        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
+    })
 
+
+def _deployment(spec: ClusterSpec, component: str, container: dict) -> dict:
+    """A one-replica Deployment of ``container`` under the spec's service account (the shape both services share)."""
+    sel = labels(spec, component)
     return {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(spec, "prefect-worker", "prefect-worker"),
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(spec, component, component),
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": sel},
             "template": {
                 "metadata": {"labels": sel},
-                "spec": {
-                    "serviceAccountName": spec.service_account,
-                    "containers": [{
-                        "name": "prefect-worker",
-                        "image": spec.image,
-                        "workingDir": APP_DIR,
-                        "command": prefect_worker_command(spec),
-                        "env": [
-                            {"name": "PREFECT_API_URL",
-                             "valueFrom": {"secretKeyRef": {"name": PREFECT_SECRET, "key": "url"}}},
-                            {"name": "PREFECT_API_KEY",
-                             "valueFrom": {"secretKeyRef": {"name": PREFECT_SECRET, "key": "key", "optional": True}}},
-                            {"name": "RAY_ADDRESS", "value": ray_dashboard_address(spec)},
-                            {"name": "MLFLOW_TRACKING_URI", "value": mlflow_tracking_uri(spec)},
-                            {"name": "AWS_DEFAULT_REGION", "value": spec.region},
-                        ],
-                        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
-                    }],
-                },
+                "spec": {"serviceAccountName": spec.service_account, "containers": [container]},
             },
         },
     }
