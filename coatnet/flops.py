@@ -9,6 +9,7 @@ achieved FLOP/s = 6 x MACs x images/s.
 from __future__ import annotations
 
 from coatnet.config import CoAtNetConfig
+from coatnet.registry import get_config
 
 
 def _mbconv(cfg: CoAtNetConfig, cin: int, cout: int, stride: int, hin: int, win: int) -> tuple[int, int]:
@@ -74,8 +75,6 @@ def count(
 ) -> tuple[int, int]:
     """(parameters, multiply-adds per image) of a variant, at ``img_size`` (default: the config's)."""
     if isinstance(name_or_config, str):
-        from coatnet.registry import get_config
-
         cfg = get_config(name_or_config)
     else:
         cfg = name_or_config

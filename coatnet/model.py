@@ -12,9 +12,7 @@ from coatnet.attention import RelativeAttention, RelativePositionBias
 from coatnet.blocks import MBConv, Stem, TransformerBlock
 from coatnet.config import CoAtNetConfig
 from coatnet.layers import init_weights
-
-TABLE_SUFFIX = "rel_bias.table"
-HEAD_WEIGHT, HEAD_BIAS = "head.fc.weight", "head.fc.bias"
+from coatnet.state_dict import HEAD_WEIGHT, TABLE_SUFFIX, adapt_to_shapes, param_shapes, strip_wrapper_prefix
 
 
 class Stage(nn.Module):
@@ -166,14 +164,12 @@ class CoAtNet(nn.Module):
 
 def _adapt_on_load(module: CoAtNet, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     """load_state_dict pre-hook: resize relative-position tables to this model's grids, in place."""
-    from coatnet.adapt import adapt_state_dict, strip_wrapper_prefix
-
     error_msgs = args[-1]
     sub = strip_wrapper_prefix({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
     for k in [k for k in state_dict if k.startswith(prefix)]:
         del state_dict[k]
     try:
-        sub = adapt_state_dict(sub, module)
+        sub = adapt_to_shapes(sub, param_shapes(module), module.config, module.num_classes)
     except ValueError as e:
         error_msgs.append(str(e))
     w = sub.get(HEAD_WEIGHT)

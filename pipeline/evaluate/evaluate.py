@@ -22,10 +22,14 @@ import numpy as np
 import torch
 
 from pipeline import storage
+from pipeline.data.manifest import load_manifest
 from pipeline.evaluate.metrics import MetricAccumulator
 from pipeline.evaluate.plots import confusion_or_per_class, reliability_diagram
 from pipeline.evaluate.preprocessing import Preprocessing
+from pipeline.evaluate.shards import DecodedShards
 from pipeline.evaluate.sources import ModelSource, is_registry_uri, load_source
+from pipeline.secrets import scrub_text
+from pipeline.tracking import configure, run_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +39,6 @@ DEFAULT_EXPERIMENT = "coatnet-evaluate"
 
 def read_manifest(data: str) -> dict[str, Any]:
     """The dataset manifest; ``manifest["root"]`` is the resolved root (``data`` may name its ``LATEST``)."""
-    from pipeline.data.manifest import load_manifest
-
     try:
         return load_manifest(data)
     except Exception as e:  # noqa: BLE001 - missing file, bucket or credentials: one actionable message
@@ -46,8 +48,6 @@ def read_manifest(data: str) -> dict[str, Any]:
 def _batches(data: str, split: str, pre: Preprocessing, *, batch_size: int, num_workers: int,
              max_samples: int | None) -> Iterator[dict]:
     from torch.utils.data import DataLoader
-
-    from pipeline.evaluate.shards import DecodedShards
 
     split_uri = storage.join(data, split)
     if not storage.exists(storage.join(split_uri, "index.json")):
@@ -96,8 +96,6 @@ def evaluate(
     (``raw``/``ema`` or ``registry``) top-1, top-5, loss, ECE, per-class accuracy and
     throughput; ``best`` names the weights with the highest top-1.
     """
-    from pipeline.secrets import scrub_text
-
     source = model if isinstance(model, ModelSource) else load_source(model, weights, tracking_uri=tracking_uri)
     manifest = read_manifest(data)
     if int(manifest["num_classes"]) != source.num_classes:
@@ -195,8 +193,6 @@ def _progress(total: int | None, enabled: bool, desc: str):
 
 def _log_mlflow(report: dict, out: Path, run_id: str | None, experiment: str, tracking_uri: str | None) -> str:
     import mlflow
-
-    from pipeline.tracking import configure, run_kwargs
 
     configure(tracking_uri)
     kwargs = run_kwargs(run_id, experiment, f"evaluate-{report['split']}")

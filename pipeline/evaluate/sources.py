@@ -24,8 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
+import coatnet
 from pipeline import storage
 from pipeline.evaluate.preprocessing import Preprocessing
+from pipeline.logged_models import load_model, model_metadata
+from pipeline.train.config import load_config
 
 CONFIG_FILE = "model_config.json"
 WEIGHT_FILES = {"raw": "model.safetensors", "ema": "model_ema.safetensors"}
@@ -53,8 +56,6 @@ def is_registry_uri(uri: str) -> bool:
 
 def model_from_config(model_config: dict[str, Any]) -> nn.Module:
     """A CoAtNet from the trainer's ``model_config.json`` (or a bare ``CoAtNetConfig`` dict)."""
-    import coatnet
-
     if isinstance(model_config.get("config"), dict):  # the trainer's export: the exact architecture
         return coatnet.CoAtNet(coatnet.CoAtNetConfig.from_dict(model_config["config"]))
     if "depths" in model_config:
@@ -113,8 +114,6 @@ def load_run(uri: str, weights: tuple[str, ...] = ("raw", "ema"), *, cache_dir: 
     if pre_path:
         pre = Preprocessing.from_dict(json.loads(pre_path.read_text()))
     elif train_cfg:  # a pretraining run: the trainer's own evaluation transform (center crop and all)
-        from pipeline.train.config import load_config
-
         pre = Preprocessing.from_train_config(load_config(train_cfg, check_data=False))
     else:  # bare weights: what the model config says, defaults otherwise
         extra = {k: tuple(model_config[k]) for k in ("mean", "std") if model_config.get(k)}
@@ -125,8 +124,6 @@ def load_run(uri: str, weights: tuple[str, ...] = ("raw", "ema"), *, cache_dir: 
 
 def load_registered(uri: str, *, tracking_uri: str | None = None) -> ModelSource:
     """A model from the MLflow registry, with the preprocessing logged alongside it."""
-    from pipeline.registry import load_model, model_metadata
-
     meta = model_metadata(uri, tracking_uri=tracking_uri)
     if "preprocessing" not in meta:
         raise ValueError(f"{uri}: logged without preprocessing metadata; register it with pipeline.registry")

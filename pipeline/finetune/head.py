@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from coatnet.model import HEAD_BIAS, HEAD_WEIGHT
+from coatnet.state_dict import HEAD_BIAS, HEAD_WEIGHT
 
 HEAD_MODES = ("select", "mean", "zero")
 

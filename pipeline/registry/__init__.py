@@ -1,5 +1,6 @@
 """MLflow model registry: log, register, gate ``champion``, load back. See ``registry.py``."""
 
+from pipeline.logged_models import load_model, model_metadata
 from pipeline.registry.lineage import code_version, lineage_tags
 from pipeline.registry.registry import (
     CANDIDATE,
@@ -9,8 +10,6 @@ from pipeline.registry.registry import (
     champion,
     dataset_name,
     gate,
-    load_model,
-    model_metadata,
     model_name,
     register,
     register_model,

@@ -27,8 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import storage
+from pipeline.evaluate import load_evaluation, load_run, read_manifest
+from pipeline.finetune import FINETUNE_JSON, read_lineage
 from pipeline.registry.lineage import lineage_tags
-from pipeline.secrets import flatten, scrub
+from pipeline.secrets import flatten, scrub, scrub_text
 from pipeline.tracking import configure, run_kwargs
 
 log = logging.getLogger(__name__)
@@ -218,22 +221,6 @@ def _pip_requirements() -> list[str]:
     return reqs
 
 
-def load_model(uri: str, *, tracking_uri: str | None = None) -> torch.nn.Module:
-    """A registered model (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/...``) as a torch module."""
-    import mlflow
-
-    configure(tracking_uri)
-    return mlflow.pytorch.load_model(uri)
-
-
-def model_metadata(uri: str, *, tracking_uri: str | None = None) -> dict[str, Any]:
-    """The metadata logged with the model (preprocessing, img_size, num_classes, model_config, top1)."""
-    import mlflow
-
-    configure(tracking_uri)
-    return dict(mlflow.models.get_model_info(uri).metadata or {})
-
-
 def dataset_name(manifest: Mapping[str, Any]) -> str:
     """A short dataset name from a manifest's ``source``: ``digits:size=32`` -> ``digits``."""
     source = str(manifest.get("source") or "dataset")
@@ -261,11 +248,6 @@ def register(
     defaults to ``coatnet-<variant>-<dataset>``; lineage comes from the run's ``finetune.json``
     (pretraining and fine-tuning run ids, shard manifest hash) plus ``lineage``.
     """
-    from pipeline.evaluate import load_evaluation, load_run, read_manifest
-    from pipeline.finetune import read_lineage
-    from pipeline.finetune.finetune import FINETUNE_JSON
-    from pipeline.secrets import scrub_text
-
     ev = dict(evaluation) if isinstance(evaluation, Mapping) else load_evaluation(evaluation)
     which = ev["best"] if weights == "best" else weights
     if which not in ev.get("weights", {}):
@@ -287,8 +269,6 @@ def register(
     lin.update({k: v for k, v in dict(lineage or {}).items() if v})
     params: dict[str, Any] = {}
     rec_uri = f"{str(model_dir).rstrip('/')}/{FINETUNE_JSON}"
-    from pipeline import storage
-
     if storage.exists(rec_uri):
         params = json.loads(storage.read_text(rec_uri)).get("config") or {}
     metrics = ev["weights"][which]

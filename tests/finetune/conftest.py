@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ft_helpers import COMMON, PRETRAIN_SHORT, REPO, free_port
+from ft_helpers import COMMON, PRETRAIN_SHORT, REPO, finetune_overrides, free_port
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -78,7 +78,6 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         log.close()
 
 
-
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The demo's two label spaces, sharded once per session: digits21k (pretraining) and digits."""
@@ -104,3 +103,29 @@ def demo_pretrained(demo_shards: dict[str, str], tmp_path_factory: pytest.TempPa
     assert result.finished
     return out
 
+
+@pytest.fixture(scope="session")
+def finetuned(demo_shards, demo_pretrained, mlflow_server, tmp_path_factory):
+    """The demo fine-tuning recipe (shortened) from ``demo_pretrained``, logged to the test server."""
+    from pipeline.finetune import run
+
+    out = tmp_path_factory.mktemp("finetune")
+    return run(REPO / "configs/finetune/demo.yaml", finetune_overrides(demo_shards, demo_pretrained, out),
+               launcher="local", nproc=2)
+
+
+@pytest.fixture(scope="session")
+def evaluated(finetuned, demo_shards):
+    """``finetuned`` evaluated on the digits' val split, logged into the fine-tuning run itself."""
+    from pipeline.evaluate import evaluate
+
+    return evaluate(finetuned.output_dir, demo_shards["digits"], split="val", num_workers=0, progress=False,
+                    mlflow_run_id=finetuned.train.mlflow_run_id)
+
+
+@pytest.fixture(scope="session")
+def registered(finetuned, evaluated):
+    """``finetuned`` registered by the pipeline from ``evaluated`` (the first version: the champion)."""
+    from pipeline.registry import register
+
+    return register(finetuned.output_dir, evaluated)

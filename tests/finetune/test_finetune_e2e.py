@@ -17,30 +17,12 @@ from ft_helpers import REPO, finetune_overrides
 from safetensors.torch import load_file
 
 from pipeline.evaluate import Preprocessing, build_model, evaluate, load_run
-from pipeline.finetune import consolidate, run
-from pipeline.registry import CANDIDATE, CHAMPION, register
+from pipeline.finetune import consolidate
+from pipeline.registry import CANDIDATE, CHAMPION
 
 pytestmark = [pytest.mark.slow]
 
-
-@pytest.fixture(scope="module")
-def finetuned(demo_shards, demo_pretrained, mlflow_server, tmp_path_factory):
-    out = tmp_path_factory.mktemp("finetune")
-    result = run(REPO / "configs/finetune/demo.yaml", finetune_overrides(demo_shards, demo_pretrained, out),
-                 launcher="local", nproc=2)
-    return result
-
-
-@pytest.fixture(scope="module")
-def evaluated(finetuned, demo_shards):
-    # Logged into the fine-tuning run itself (the trainer's, on the test server).
-    return evaluate(finetuned.output_dir, demo_shards["digits"], split="val", num_workers=0, progress=False,
-                    mlflow_run_id=finetuned.train.mlflow_run_id)
-
-
-@pytest.fixture(scope="module")
-def registered(finetuned, evaluated):
-    return register(finetuned.output_dir, evaluated)
+# finetuned, evaluated, registered: tests/finetune/conftest.py (shared with test_mlflow_serve.py)
 
 
 def _printed_json(capsys) -> dict:
