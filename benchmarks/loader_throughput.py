@@ -127,6 +127,7 @@ def run_pass(recipe: str, dataset: str, run_dir: Path, workers: int, batch: int,
 
     from pipeline.train.config import make_plan
     from pipeline.train.data import build_train_loader
+    from pipeline.train.streaming_shm import dataset_prefix, release_deleted_dataset
 
     cfg = recipe_config(recipe, dataset, run_dir, workers, batch, img_size)
     plan = make_plan(cfg, 1, with_counts=False)
@@ -149,11 +150,11 @@ def run_pass(recipe: str, dataset: str, run_dir: Path, workers: int, batch: int,
         if arrivals[-1] - t0 > max_seconds:
             break
     window_cpu.append(live_tree_cpu_seconds())
-    prefix = loader.dataset._shm_prefix_int
+    prefix = dataset_prefix(loader.dataset)
     del it, loader  # shuts the workers down (joined: their CPU time lands in RUSAGE_CHILDREN)
     cpu = cpu_seconds() - cpu0
     gc.collect()
-    release_shared_memory(prefix)
+    release_deleted_dataset(prefix)  # streaming leaves a deleted dataset's blocks behind
     if not arrivals:
         raise RuntimeError(f"the loader gave no batch ({plan.train_samples} samples, batch {batch})")
     n = len(arrivals) * batch
@@ -178,45 +179,14 @@ def sample_bytes(dataset: str, local: Path, n: int) -> list[bytes]:
     from streaming import StreamingDataset
 
     from pipeline.train.config import dataset_root
+    from pipeline.train.streaming_shm import dataset_prefix, release_deleted_dataset
     ds = StreamingDataset(remote=f"{dataset_root(dataset)}/train", local=str(local), shuffle=False, batch_size=1)
     blobs = [ds[i]["image"] for i in range(min(n, ds.num_samples))]
-    prefix = ds._shm_prefix_int
+    prefix = dataset_prefix(ds)
     del ds
     gc.collect()
-    release_shared_memory(prefix)
+    release_deleted_dataset(prefix)  # streaming leaves a deleted dataset's blocks behind
     return blobs
-
-
-def release_shared_memory(prefix: int) -> None:
-    """Unlink the shared memory of a deleted StreamingDataset of this process.
-
-    streaming 0.13 unregisters a deleted dataset's local directory but leaves its /dev/shm objects
-    (and so its prefix) behind until reboot; a benchmark building dozens of loaders would pile them
-    up. Only a prefix that no live dataset registers any more is touched (the trainer's
-    release_stale_shared_memory finds prefixes by their registered directories, which are gone by then).
-    """
-    from multiprocessing.shared_memory import SharedMemory as PySharedMemory
-
-    from streaming.base.constant import LOCALS, SHM_TO_CLEAN
-    from streaming.base.shared import SharedMemory
-    from streaming.base.shared.prefix import _get_path, _unpack_locals
-
-    try:
-        shm = SharedMemory(_get_path(prefix, LOCALS), create=False, auto_cleanup=False)
-    except FileNotFoundError:
-        return
-    try:
-        registered, _ = _unpack_locals(bytes(shm.buf))
-    finally:
-        shm.cleanup()
-    if registered:
-        return
-    for name in SHM_TO_CLEAN:
-        try:
-            # unlink() also unregisters it from this process's resource tracker (which created it).
-            PySharedMemory(_get_path(prefix, name)).unlink()
-        except FileNotFoundError:
-            pass
 
 
 def bare_transform(recipe: str, dataset: str, run_dir: Path, blobs: list[bytes], img_size: int) -> float:

@@ -19,7 +19,11 @@ from streaming import StreamingDataLoader, StreamingDataset
 from torch.utils.data import default_collate
 
 from pipeline.train.config import Plan, TrainConfig, split_uri
+from pipeline.train.streaming_shm import registered_prefixes, release_stale_shared_memory
 from pipeline.train.transforms import batch_mix, eval_transform, train_transform
+
+__all__ = ["ImageShards", "MixCollate", "build_eval_loader", "build_train_loader", "cache_root", "local_dirs",
+           "registered_prefixes", "release_stale_shared_memory", "streaming_env"]
 
 
 def streaming_env(rank: int, world_size: int, local_rank: int, local_world_size: int) -> None:
@@ -83,57 +87,6 @@ def _local(cfg: TrainConfig, role: str, split: str) -> str:
 
 def local_dirs(cfg: TrainConfig) -> list[str]:
     return [_local(cfg, "train", cfg.data.train_split), _local(cfg, "eval", cfg.data.eval_split)]
-
-
-def registered_prefixes(dirs: list[str]) -> list[int]:
-    """Streaming's shared-memory prefixes whose registered local directories include any of ``dirs``."""
-    from streaming.base.constant import LOCALS
-    from streaming.base.shared import SharedMemory
-    from streaming.base.shared.prefix import _get_path, _unpack_locals
-
-    mine, found, misses, prefix = set(dirs), [], 0, -1
-    # Prefixes are allocated upwards from 0 but leave gaps (a crashed job's file locks block its prefix
-    # for good); a long run of gaps means the end.
-    while misses < 4096:
-        prefix += 1
-        try:
-            shm = SharedMemory(_get_path(prefix, LOCALS), create=False, auto_cleanup=False)
-        except FileNotFoundError:
-            misses += 1
-            continue
-        except PermissionError:
-            continue
-        misses = 0
-        try:
-            theirs, _ = _unpack_locals(bytes(shm.buf))
-        finally:
-            shm.cleanup()
-        if mine & set(theirs):
-            found.append(prefix)
-    return found
-
-
-def release_stale_shared_memory(dirs: list[str]) -> int:
-    """Unlink streaming's shared memory registered for these local directories; returns how many sets.
-
-    Called on each node before this run creates its datasets: any registration of its own (run-unique)
-    directories then belongs to a killed earlier process of the same run, and can make streaming
-    refuse them ("Reused local directory"). Unlike streaming's clean_stale_shared_memory(), this
-    leaves other jobs on the node alone.
-    """
-    import _posixshmem  # what multiprocessing.shared_memory itself calls; bypasses its resource tracker
-
-    from streaming.base.constant import SHM_TO_CLEAN
-    from streaming.base.shared.prefix import _get_path
-
-    prefixes = registered_prefixes(dirs)
-    for prefix in prefixes:
-        for name in SHM_TO_CLEAN:
-            try:
-                _posixshmem.shm_unlink("/" + _get_path(prefix, name))
-            except FileNotFoundError:
-                pass
-    return len(prefixes)
 
 
 def build_train_loader(cfg: TrainConfig, plan: Plan) -> StreamingDataLoader:
