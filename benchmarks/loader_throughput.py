@@ -30,7 +30,7 @@ deliver at that cost, and what the best worker count measured here delivers.
 ``--gpu-decode`` (CUDA only; otherwise it says so and skips) also decodes the sharded JPEGs in
 batches with ``torchvision.io.decode_jpeg(device="cuda")`` and compares speed and pixels with PIL.
 
-    .venv/bin/python benchmarks/loader_throughput.py            # about 3 minutes on 2 cores
+    .venv/bin/python benchmarks/loader_throughput.py            # about 4 minutes on 2 quiet cores
     python3 benchmarks/loader_throughput.py --images 2048 --workers 1 4 8 16 --pass-seconds 4 --gpu-decode
 """
 
