@@ -1,28 +1,36 @@
-"""Images/s that the training input pipeline delivers, against what the GPU consumes.
+"""Images/s per core of the training input pipeline, before and after the uint8 change, against what the GPU consumes.
 
 Runs the trainer's own loader (``pipeline.train.data.build_train_loader``: StreamingDataset over the
-MDS shards, JPEG decode, RandomResizedCrop 224, flip, RandAugment and MixUp as the recipe says,
-collate) on ImageNet-like JPEGs that it makes itself (photo-like 500x375 images, sharded with
-``shard_dataset(executor="local", max_side=320)`` as a real dataset would be), for each DataLoader
-worker count and recipe (default: coatnet_2_in1k = RandAugment 2/15 + MixUp 0.8, the heaviest;
-coatnet_2_in21k = crop + flip only). Each pass builds a fresh loader from the recipe's YAML and runs
-one epoch (or ``--pass-seconds``). Per pass: steady images/s and CPU-seconds per image of the process
-tree (main + live workers, from /proc) in the window after the first round of batches (one per worker,
-which includes worker start-up), plus figures with start-up included. Baseline, same process: decode +
-the recipe's transform alone on the same bytes (``bare``); loader/bare is the cost of streaming,
-seeding, collation, MixUp and worker IPC. Medians of ``--repeats`` interleaved repeats.
+MDS shards, JPEG decode, RandomResizedCrop 224, flip, RandAugment as the recipe says, collate) on
+ImageNet-like JPEGs that it makes itself (photo-like 500x375 images, sharded with
+``shard_dataset(executor="local", max_side=320)`` as a real dataset would be), for each recipe
+(default: coatnet_2_in1k = RandAugment 2/15 + MixUp 0.8, the heaviest; coatnet_2_in21k = crop + flip
+only), DataLoader worker count and path, interleaved in the same run:
+
+  before  the float path as it was (commit e47fd45, kept verbatim below): workers convert to float32,
+          normalise (torchvision ToDtype/Normalize) and MixUp in the collate, seeding with torch.manual_seed;
+  after   the trainer's loader now: workers send uint8 (N, H, W, 3) pixels; normalisation and MixUp run
+          on the device after the copy (``device_input.to_device``, not part of these CPU figures: on a
+          GPU it is GPU work; its cost if run on this CPU is printed apart).
+
+Per pass: steady images/s and CPU-seconds per image of the process tree (main + live workers, from
+/proc) in the window after the first round of batches (one per worker, which includes worker
+start-up); images/s per core = 1 / CPU-seconds per image. The ratio table divides after by before, per
+recipe and worker count. Also, in this process: decode + transform alone (``bare``) for the steps from
+before to after, and the JPEG decoders compared on the sharded bytes (PIL as before, PIL as now,
+torchvision.io.decode_jpeg) with their speed and pixel difference from PIL. Medians of ``--repeats``
+interleaved repeats. CPU-seconds per image, unlike wall time, are little distorted by other users of a
+shared machine.
 
 Compared with what one GPU consumes (timm's CoAtNet training step on one H200, from the device notes:
 coatnet_2 882 images/s, coatnet_0 1885; the project's goal is 1.5x those): cores needed to keep up
-(rate x CPU-seconds per image), the images/s that ``--project-cores`` cores would deliver at that
-cost, and what the best worker count measured here delivers. CPU-seconds per image, unlike wall
-time, are little distorted by other users of a shared machine.
+(rate x CPU-seconds per image, the after path), the images/s that ``--project-cores`` cores would
+deliver at that cost, and what the best worker count measured here delivers.
 
 ``--gpu-decode`` (CUDA only; otherwise it says so and skips) also decodes the sharded JPEGs in
-batches with ``torchvision.io.decode_jpeg(device="cuda")`` and compares with PIL (the loader's
-decode) and torchvision's CPU decode, on the same bytes.
+batches with ``torchvision.io.decode_jpeg(device="cuda")`` and compares speed and pixels with PIL.
 
-    .venv/bin/python benchmarks/loader_throughput.py            # about 1 minute on 2 cores
+    .venv/bin/python benchmarks/loader_throughput.py            # about 4 minutes on 2 quiet cores
     python3 benchmarks/loader_throughput.py --images 2048 --workers 1 4 8 16 --pass-seconds 4 --gpu-decode
 """
 
@@ -120,21 +128,67 @@ def recipe_config(recipe: str, dataset: str, run_dir: Path, workers: int, batch:
     return load_config(path, overrides, check_data=False)
 
 
-def run_pass(recipe: str, dataset: str, run_dir: Path, workers: int, batch: int, img_size: int,
+PATHS = ("before", "after")
+
+
+def float_path_of_before(cfg, plan) -> dict:
+    """``build_train_loader`` arguments that restore the float path as it was before the uint8 change: the
+    sample and collate code below are verbatim copies of commit e47fd45's ImageShards.__getitem__ and
+    MixCollate (only renamed), with its transform (``train_transform``: the PIL ops, then ToImage,
+    ToDtype(float32, scale=True), Normalize)."""
+    import torch
+    from torch.utils.data import default_collate
+
+    from pipeline.train.data import ImageShards
+    from pipeline.train.transforms import augment_seed as _mix_seed
+    from pipeline.train.transforms import batch_mix, train_transform
+
+    class FloatShardsBefore(ImageShards):
+        def __getitem__(self, idx: int) -> dict:
+            row = super(ImageShards, self).__getitem__(idx)
+            img = Image.open(io.BytesIO(row["image"])).convert("RGB")
+            if self.aug_seed is None:
+                x = self.transform(img)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(_mix_seed(self.aug_seed, self.next_epoch - 1, idx))
+                    x = self.transform(img)
+            return {"image": x, "label": int(row["label"]), "idx": int(idx), "key": str(row.get("key", idx))}
+
+    class MixCollateBefore:
+        def __init__(self, mix, seed: int) -> None:
+            self.mix = mix
+            self.seed = seed
+
+        def __call__(self, rows: list[dict]) -> dict:
+            batch = default_collate(rows)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_mix_seed(self.seed, *batch["idx"].tolist()[:8]))
+                batch["image"], batch["label"] = self.mix(batch["image"], batch["label"])
+            return batch
+
+    mix = batch_mix(cfg.augment, plan.num_classes)
+    return {"dataset": FloatShardsBefore, "transform": train_transform(cfg.augment, cfg.model.img_size),
+            "collate_fn": MixCollateBefore(mix, cfg.seed) if mix else None}
+
+
+def run_pass(recipe: str, path: str, dataset: str, run_dir: Path, workers: int, batch: int, img_size: int,
              max_seconds: float) -> dict:
-    """One epoch (or ``max_seconds``) through a freshly built training loader."""
+    """One epoch (or ``max_seconds``) through a freshly built training loader, on the ``path`` before or after."""
     import torch
 
     from pipeline.train.config import make_plan
     from pipeline.train.data import build_train_loader
+    from pipeline.train.streaming_shm import dataset_prefix, release_deleted_dataset
 
     cfg = recipe_config(recipe, dataset, run_dir, workers, batch, img_size)
     plan = make_plan(cfg, 1, with_counts=False)
+    parts = float_path_of_before(cfg, plan) if path == "before" else {}
     # Steady window: from the end of the first round (one batch per worker, start-up included) to the end.
     skip = max(1, workers)
     cpu0 = cpu_seconds()
     t0 = time.perf_counter()
-    loader = build_train_loader(cfg, plan)
+    loader = build_train_loader(cfg, plan, **parts)
     arrivals: list[float] = []
     window_cpu: list[float | None] = []
     shape = None
@@ -143,21 +197,22 @@ def run_pass(recipe: str, dataset: str, run_dir: Path, workers: int, batch: int,
         arrivals.append(time.perf_counter())
         if len(arrivals) == skip:
             window_cpu.append(live_tree_cpu_seconds())
-        shape = tuple(b["image"].shape)
-        if not torch.isfinite(b["image"]).all():
+        shape, dtype = tuple(b["image"].shape), str(b["image"].dtype).removeprefix("torch.")
+        if b["image"].is_floating_point() and not torch.isfinite(b["image"]).all():
             raise RuntimeError("non-finite pixels from the loader")
         if arrivals[-1] - t0 > max_seconds:
             break
     window_cpu.append(live_tree_cpu_seconds())
-    prefix = loader.dataset._shm_prefix_int
+    prefix = dataset_prefix(loader.dataset)
     del it, loader  # shuts the workers down (joined: their CPU time lands in RUSAGE_CHILDREN)
     cpu = cpu_seconds() - cpu0
     gc.collect()
-    release_shared_memory(prefix)
+    release_deleted_dataset(prefix)  # streaming leaves a deleted dataset's blocks behind
     if not arrivals:
         raise RuntimeError(f"the loader gave no batch ({plan.train_samples} samples, batch {batch})")
     n = len(arrivals) * batch
-    res = {"recipe": recipe, "workers": workers, "batches": len(arrivals), "images": n, "batch_shape": shape,
+    res = {"recipe": recipe, "path": path, "workers": workers, "batches": len(arrivals), "images": n,
+           "batch_shape": shape, "batch_dtype": dtype,
            "first_batch_s": arrivals[0] - t0, "seconds": arrivals[-1] - t0,
            "images_per_s_total": n / (arrivals[-1] - t0), "cpu_ms_per_image_total": 1e3 * cpu / n}
     if len(arrivals) > skip:
@@ -178,58 +233,98 @@ def sample_bytes(dataset: str, local: Path, n: int) -> list[bytes]:
     from streaming import StreamingDataset
 
     from pipeline.train.config import dataset_root
+    from pipeline.train.streaming_shm import dataset_prefix, release_deleted_dataset
     ds = StreamingDataset(remote=f"{dataset_root(dataset)}/train", local=str(local), shuffle=False, batch_size=1)
     blobs = [ds[i]["image"] for i in range(min(n, ds.num_samples))]
-    prefix = ds._shm_prefix_int
+    prefix = dataset_prefix(ds)
     del ds
     gc.collect()
-    release_shared_memory(prefix)
+    release_deleted_dataset(prefix)  # streaming leaves a deleted dataset's blocks behind
     return blobs
 
 
-def release_shared_memory(prefix: int) -> None:
-    """Unlink the shared memory of a deleted StreamingDataset of this process.
-
-    streaming 0.13 unregisters a deleted dataset's local directory but leaves its /dev/shm objects
-    (and so its prefix) behind until reboot; a benchmark building dozens of loaders would pile them
-    up. Only a prefix that no live dataset registers any more is touched (the trainer's
-    release_stale_shared_memory finds prefixes by their registered directories, which are gone by then).
-    """
-    from multiprocessing.shared_memory import SharedMemory as PySharedMemory
-
-    from streaming.base.constant import LOCALS, SHM_TO_CLEAN
-    from streaming.base.shared import SharedMemory
-    from streaming.base.shared.prefix import _get_path, _unpack_locals
-
-    try:
-        shm = SharedMemory(_get_path(prefix, LOCALS), create=False, auto_cleanup=False)
-    except FileNotFoundError:
-        return
-    try:
-        registered, _ = _unpack_locals(bytes(shm.buf))
-    finally:
-        shm.cleanup()
-    if registered:
-        return
-    for name in SHM_TO_CLEAN:
-        try:
-            # unlink() also unregisters it from this process's resource tracker (which created it).
-            PySharedMemory(_get_path(prefix, name)).unlink()
-        except FileNotFoundError:
-            pass
+# The per-sample steps from before to after, each adding one change (decode + transform alone, this process).
+BARE_STEPS = (
+    ("before", "convert", "torch.manual_seed", "float"),
+    ("uint8 out", "convert", "torch.manual_seed", "uint8"),
+    ("+ CPU-only seed", "convert", "default_generator", "uint8"),
+    ("after", "no convert", "default_generator", "uint8"),
+)
 
 
-def bare_transform(recipe: str, dataset: str, run_dir: Path, blobs: list[bytes], img_size: int) -> float:
-    """Baseline: CPU-ms per image of decode + the recipe's train transform alone, in this process
-    (what ImageShards.__getitem__ does minus streaming, seeding, collation, MixUp and worker IPC)."""
-    from pipeline.train.transforms import train_transform
+def bare_transform(recipe: str, dataset: str, run_dir: Path, blobs: list[bytes], img_size: int) -> dict[str, float]:
+    """CPU-ms per image of decode + seeding + the recipe's train transform alone, in this process (what a
+    worker does per sample minus streaming, collation, MixUp and IPC), for each step of ``BARE_STEPS``."""
+    import torch
+
+    from pipeline.train.data import decode
+    from pipeline.train.transforms import augment_seed, to_uint8_hwc, train_augment, train_transform
 
     cfg = recipe_config(recipe, dataset, run_dir, 0, 1, img_size)
-    tf = train_transform(cfg.augment, img_size)
+    float_tf, augment = train_transform(cfg.augment, img_size), train_augment(cfg.augment, img_size)
+    out = {}
+    for name, dec, seed, tail in BARE_STEPS:
+        open_ = decode if dec == "no convert" else (lambda b: Image.open(io.BytesIO(b)).convert("RGB"))
+        seed_ = torch.default_generator.manual_seed if seed == "default_generator" else torch.manual_seed
+        tf = float_tf if tail == "float" else (lambda im: to_uint8_hwc(augment(im)))
+        t = time.process_time()
+        for i, b in enumerate(blobs):
+            with torch.random.fork_rng(devices=[]):
+                seed_(augment_seed(cfg.seed, 0, i))
+                tf(open_(b))
+        out[name] = 1e3 * (time.process_time() - t) / len(blobs)
+    return out
+
+
+def device_step_on_cpu(recipe: str, dataset: str, run_dir: Path, batch: int, img_size: int, reps: int = 5) -> float:
+    """CPU-ms per image of ``device_input.to_device`` (normalise + the recipe's MixUp) run on this CPU: what
+    the after path moved off the loader cores (on a GPU machine it is GPU work)."""
+    import torch
+
+    from pipeline.train.device_input import to_device
+
+    cfg = recipe_config(recipe, dataset, run_dir, 0, batch, img_size)
+    b = {"image": torch.randint(0, 256, (batch, img_size, img_size, 3), dtype=torch.uint8),
+         "label": torch.arange(batch) % 10, "idx": torch.arange(batch)}
+    to_device(b, "cpu", torch.float32, cfg, mix_classes=10)
     t = time.process_time()
-    for b in blobs:
-        tf(Image.open(io.BytesIO(b)).convert("RGB"))
-    return 1e3 * (time.process_time() - t) / len(blobs)
+    for _ in range(reps):
+        to_device(b, "cpu", torch.float32, cfg, mix_classes=10)
+    return 1e3 * (time.process_time() - t) / (reps * batch)
+
+
+def compare_decoders(blobs: list[bytes], repeats: int) -> dict:
+    """JPEG decoders on the sharded bytes, one thread: CPU-ms per image and pixel difference from PIL."""
+    import torch
+    import torchvision.io as tio
+
+    from pipeline.train.data import decode
+
+    datas = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+
+    def tv(d: torch.Tensor) -> torch.Tensor:
+        return tio.decode_jpeg(d, mode=tio.ImageReadMode.RGB)
+
+    decoders = {
+        "pil_convert (before)": lambda i: Image.open(io.BytesIO(blobs[i])).convert("RGB"),
+        "pil (after)": lambda i: decode(blobs[i]).load(),
+        "torchvision_cpu": lambda i: tv(datas[i]),
+        # What using it here would take: the augmentation works on PIL images.
+        "torchvision_cpu_to_pil": lambda i: Image.fromarray(tv(datas[i]).permute(1, 2, 0).numpy()),
+    }
+    times: dict[str, list[float]] = {k: [] for k in decoders}
+    for _ in range(repeats):
+        for name, fn in decoders.items():
+            t = time.process_time()
+            for i in range(len(blobs)):
+                fn(i)
+            times[name].append(1e3 * (time.process_time() - t) / len(blobs))
+    diffs = [np.abs(np.asarray(decode(b), np.int16) - tv(d).permute(1, 2, 0).numpy().astype(np.int16))
+             for b, d in zip(blobs, datas)]
+    return {"images": len(blobs), "cpu_ms_per_image": {k: round(statistics.median(v), 3) for k, v in times.items()},
+            "torchvision_vs_pil_max_abs": int(max(d.max() for d in diffs)),
+            "torchvision_vs_pil_mean_abs": float(np.mean([d.mean() for d in diffs])),
+            "torchvision_vs_pil_differing_fraction": float(np.mean([(d > 0).mean() for d in diffs]))}
 
 
 def gpu_decode(dataset: str, local: Path, n: int, batch: int, repeats: int) -> dict:
@@ -259,6 +354,11 @@ def gpu_decode(dataset: str, local: Path, n: int, batch: int, repeats: int) -> d
 
     rates: dict[str, list[float]] = {"pil_cpu": [], "torchvision_cpu": [], "torchvision_cuda": []}
     tv_cuda()  # warm-up: nvJPEG handle and CUDA context
+    diffs = []
+    for chunk, start in zip(batches, range(0, len(blobs), batch)):
+        for j, img in enumerate(tio.decode_jpeg(chunk, mode=tio.ImageReadMode.RGB, device="cuda")):
+            ref = np.asarray(Image.open(io.BytesIO(blobs[start + j])).convert("RGB"), np.int16)
+            diffs.append(np.abs(img.permute(1, 2, 0).cpu().numpy().astype(np.int16) - ref))
     for _ in range(repeats):
         for name, fn in (("pil_cpu", pil), ("torchvision_cpu", tv_cpu), ("torchvision_cuda", tv_cuda)):
             t = time.perf_counter()
@@ -269,6 +369,8 @@ def gpu_decode(dataset: str, local: Path, n: int, batch: int, repeats: int) -> d
             "images_per_s": {k: round(v, 1) for k, v in med.items()},
             "cuda_vs_pil": round(med["torchvision_cuda"] / med["pil_cpu"], 2),
             "cuda_vs_torchvision_cpu": round(med["torchvision_cuda"] / med["torchvision_cpu"], 2),
+            "cuda_vs_pil_max_abs": int(max(d.max() for d in diffs)),
+            "cuda_vs_pil_mean_abs": float(np.mean([d.mean() for d in diffs])),
             "note": "decode only (CUDA: encoded bytes in, decoded images on the GPU, upload included); "
                     "CPU rows on one thread. Using it means running the augmentation on the GPU too (not measured)"}
 
@@ -289,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="500x375", help="generated image size WxH (ImageNet's typical)")
     ap.add_argument("--max-side", type=int, default=320, help="shard_dataset's resize of the longer side")
     ap.add_argument("--recipes", nargs="+", default=list(DEFAULT_RECIPES), help="configs/pretrain/<name>.yaml")
+    ap.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),
+                    help="before: the float path as it was; after: the trainer's uint8 loader")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--img-size", type=int, default=224)
@@ -313,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     # thread); on a shared machine more intra-op threads only spin against other users.
     torch.set_num_threads(1)
     results: list[dict] = []
-    bare: dict[str, list[float]] = {r: [] for r in args.recipes}
+    bare: dict[str, list[dict[str, float]]] = {r: [] for r in args.recipes}
     with tempfile.TemporaryDirectory(prefix="coatnet-loader-bench-") as tmp:
         tmp = Path(tmp)
         t = time.perf_counter()
@@ -329,20 +433,24 @@ def main(argv: list[str] | None = None) -> int:
         if train["samples"] < args.batch:
             raise SystemExit(f"--images {args.images}: {train['samples']} train samples < --batch {args.batch}")
         blobs = sample_bytes(dataset, tmp / "bytes-cache", 128)
+        decoders = compare_decoders(blobs, args.repeats)
+        device_ms = {r: device_step_on_cpu(r, dataset, tmp / "dev", args.batch, args.img_size) for r in args.recipes}
         for recipe in args.recipes:  # untimed: first-use imports and caches are a one-off per process
-            run_pass(recipe, dataset, tmp / f"warm-{recipe}", 0, args.batch, args.img_size, 0.0)
+            for path in args.paths:
+                run_pass(recipe, path, dataset, tmp / f"warm-{recipe}-{path}", 0, args.batch, args.img_size, 0.0)
         for r in range(args.repeats):
             for recipe in args.recipes:
                 bare[recipe].append(bare_transform(recipe, dataset, tmp / "bare", blobs, args.img_size))
                 for w in args.workers:
-                    res = run_pass(recipe, dataset, tmp / f"run-{recipe}-w{w}-r{r}", w, args.batch,
-                                   args.img_size, args.pass_seconds)
-                    res["repeat"] = r
-                    results.append(res)
-                    print(f"  repeat {r} {recipe:>16} workers={w:<2}: {res['images_per_s']:7.1f} images/s steady, "
-                          f"{res['images_per_s_total']:7.1f} incl. start-up (first batch {res['first_batch_s']:.2f} s), "
-                          f"{res['cpu_ms_per_image']:5.2f} CPU-ms/image steady "
-                          f"(bare decode+augment {bare[recipe][-1]:.2f}; load {os.getloadavg()[0]:.1f})", flush=True)
+                    for path in args.paths:  # interleaved: a change in the machine's load hits both alike
+                        res = run_pass(recipe, path, dataset, tmp / f"run-{recipe}-{path}-w{w}-r{r}", w, args.batch,
+                                       args.img_size, args.pass_seconds)
+                        res["repeat"] = r
+                        results.append(res)
+                        print(f"  repeat {r} {recipe:>16} {path:>6} workers={w:<2}: {res['images_per_s']:7.1f} images/s "
+                              f"steady, {res['images_per_s_total']:7.1f} incl. start-up (first batch "
+                              f"{res['first_batch_s']:.2f} s), {res['cpu_ms_per_image']:5.2f} CPU-ms/image steady "
+                              f"(load {os.getloadavg()[0]:.1f})", flush=True)
         decode = {"available": False, "reason": "not requested (--gpu-decode)"}
         if args.gpu_decode:
             decode = gpu_decode(dataset, tmp / "decode-cache", min(train["samples"], 512), args.batch, args.repeats)
@@ -352,32 +460,49 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = []
     for recipe in args.recipes:
-        for w in args.workers:
-            rows = [x for x in results if x["recipe"] == recipe and x["workers"] == w]
-            ips, cpu_ms, bare_ms = med(rows, "images_per_s"), med(rows, "cpu_ms_per_image"), statistics.median(bare[recipe])
-            summary.append({
-                "recipe": recipe, "workers": w, "images_per_s": round(ips, 1),
-                "images_per_s_all": [round(x["images_per_s"], 1) for x in rows],
-                "images_per_s_per_worker": round(ips / w, 1) if w else None,
-                "images_per_s_total": round(med(rows, "images_per_s_total"), 1),
-                "first_batch_s": round(med(rows, "first_batch_s"), 2),
-                "cpu_ms_per_image": round(cpu_ms, 2),
-                "cpu_ms_per_image_total": round(med(rows, "cpu_ms_per_image_total"), 2),
-                "bare_cpu_ms_per_image": round(bare_ms, 2),
-                "loader_cost_over_bare": round(cpu_ms / bare_ms, 2),
-                "projected_images_per_s": round(args.project_cores * 1e3 / cpu_ms, 1),
-                "batch_shape": list(rows[0]["batch_shape"]),
-            })
+        bare_ms = {name: statistics.median(b[name] for b in bare[recipe]) for name, *_ in BARE_STEPS}
+        for path in args.paths:
+            for w in args.workers:
+                rows = [x for x in results if x["recipe"] == recipe and x["path"] == path and x["workers"] == w]
+                ips, cpu_ms = med(rows, "images_per_s"), med(rows, "cpu_ms_per_image")
+                bare_path = bare_ms[path]
+                summary.append({
+                    "recipe": recipe, "path": path, "workers": w, "images_per_s": round(ips, 1),
+                    "images_per_s_all": [round(x["images_per_s"], 1) for x in rows],
+                    "images_per_s_per_worker": round(ips / w, 1) if w else None,
+                    "images_per_s_per_core": round(1e3 / cpu_ms, 1),
+                    "images_per_s_total": round(med(rows, "images_per_s_total"), 1),
+                    "first_batch_s": round(med(rows, "first_batch_s"), 2),
+                    "cpu_ms_per_image": round(cpu_ms, 2),
+                    "cpu_ms_per_image_total": round(med(rows, "cpu_ms_per_image_total"), 2),
+                    "bare_cpu_ms_per_image": round(bare_path, 2),
+                    "loader_cost_over_bare": round(cpu_ms / bare_path, 2),
+                    "projected_images_per_s": round(args.project_cores * 1e3 / cpu_ms, 1),
+                    "batch_shape": list(rows[0]["batch_shape"]), "batch_dtype": rows[0]["batch_dtype"],
+                })
+    ratios = []
+    if set(PATHS) <= set(args.paths):
+        for recipe in args.recipes:
+            for w in args.workers:
+                b, a = ({s["path"]: s for s in summary if s["recipe"] == recipe and s["workers"] == w}[p] for p in PATHS)
+                ratios.append({"recipe": recipe, "workers": w,
+                               "per_core_before": b["images_per_s_per_core"], "per_core_after": a["images_per_s_per_core"],
+                               "per_core_ratio": round(b["cpu_ms_per_image"] / a["cpu_ms_per_image"], 3),
+                               "images_per_s_ratio": round(a["images_per_s"] / b["images_per_s"], 3)})
+    bare_steps = {r: {name: round(statistics.median(b[name] for b in bare[r]), 3) for name, *_ in BARE_STEPS}
+                  for r in args.recipes}
     keep_up = []
+    after = "after" if "after" in args.paths else args.paths[0]
     for recipe in args.recipes:
-        rows = [s for s in summary if s["recipe"] == recipe]
+        rows = [s for s in summary if s["recipe"] == recipe and s["path"] == after]
         # The cost per image of the way training runs it (workers > 0) when measured; the cheapest such setting.
         cpu_ms = min(s["cpu_ms_per_image"] for s in ([s for s in rows if s["workers"]] or rows))
         best = max(rows, key=lambda s: s["images_per_s"])
         for model, rate in gpu_rates.items():
             for label, consumed in (("timm", rate), (f"target {args.target:g}x", rate * args.target)):
                 keep_up.append({
-                    "recipe": recipe, "model": model, "consumer": label, "consumes_images_per_s": round(consumed, 1),
+                    "recipe": recipe, "path": after, "model": model, "consumer": label,
+                    "consumes_images_per_s": round(consumed, 1),
                     "cpu_ms_per_image": cpu_ms, "cores_needed": round(consumed * cpu_ms / 1e3, 1),
                     "projected_cores": args.project_cores,
                     "projected_over_consumed": round(args.project_cores * 1e3 / cpu_ms / consumed, 3),
@@ -388,20 +513,37 @@ def main(argv: list[str] | None = None) -> int:
         "images": args.images, "size": args.size, "max_side": args.max_side, "batch": args.batch,
         "img_size": args.img_size, "repeats": args.repeats, "cpus": os.cpu_count(),
         "load_average_end": round(os.getloadavg()[0], 1), "gpu_rates": gpu_rates, "target": args.target,
-        "project_cores": args.project_cores, "rows": summary, "keep_up": keep_up, "gpu_decode": decode,
+        "project_cores": args.project_cores, "rows": summary, "ratios": ratios, "bare_steps": bare_steps,
+        "device_step_on_cpu_ms_per_image": {r: round(v, 3) for r, v in device_ms.items()},
+        "decoders": decoders, "keep_up": keep_up, "gpu_decode": decode,
     }
 
     print()
-    print(f"{'recipe':>16} {'workers':>7} {'images/s':>9} {'per worker':>10} {'incl. start':>11} {'1st batch s':>11} "
-          f"{'CPU-ms/img':>10} {'bare ms':>7} {'loader/bare':>11}")
+    print(f"{'recipe':>16} {'path':>6} {'workers':>7} {'images/s':>9} {'per core':>9} {'incl. start':>11} "
+          f"{'1st batch s':>11} {'CPU-ms/img':>10} {'bare ms':>7} {'loader/bare':>11}  batch")
     for s in summary:
-        per = f"{s['images_per_s_per_worker']:.1f}" if s["workers"] else "-"
-        print(f"{s['recipe']:>16} {s['workers']:>7} {s['images_per_s']:>9.1f} {per:>10} {s['images_per_s_total']:>11.1f} "
-              f"{s['first_batch_s']:>11.2f} {s['cpu_ms_per_image']:>10.2f} {s['bare_cpu_ms_per_image']:>7.2f} "
-              f"{s['loader_cost_over_bare']:>11.2f}")
+        print(f"{s['recipe']:>16} {s['path']:>6} {s['workers']:>7} {s['images_per_s']:>9.1f} "
+              f"{s['images_per_s_per_core']:>9.1f} {s['images_per_s_total']:>11.1f} {s['first_batch_s']:>11.2f} "
+              f"{s['cpu_ms_per_image']:>10.2f} {s['bare_cpu_ms_per_image']:>7.2f} {s['loader_cost_over_bare']:>11.2f}  "
+              f"{s['batch_dtype']} {s['batch_shape']}")
     print(f"medians of {args.repeats} interleaved repeats; batch {args.batch}; images/s and CPU-ms in the steady window "
-          f"(after one batch per worker); bare = decode + train transform alone in this process; load average now "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+          f"(after one batch per worker); per core = 1000 / CPU-ms per image of the process tree; bare = decode + "
+          f"transform alone in this process; load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    if ratios:
+        print(f"\n{'recipe':>16} {'workers':>7} {'per core before':>15} {'after':>7} {'ratio':>7} {'images/s ratio':>14}")
+        for q in ratios:
+            print(f"{q['recipe']:>16} {q['workers']:>7} {q['per_core_before']:>15.1f} {q['per_core_after']:>7.1f} "
+                  f"{q['per_core_ratio']:>6.2f}x {q['images_per_s_ratio']:>13.2f}x")
+        print("after / before; per core from CPU-seconds per image (robust to a shared machine), images/s wall-clock")
+    print("\nper-sample steps, decode + seed + transform alone, CPU-ms per image: " + "; ".join(
+        f"{r}: " + ", ".join(f"{k} {v:.2f}" for k, v in steps.items()) for r, steps in bare_steps.items()))
+    print("to_device (normalise + MixUp) if run on this CPU instead of the GPU: " + ", ".join(
+        f"{r} {v:.3f} CPU-ms/image" for r, v in figures["device_step_on_cpu_ms_per_image"].items()))
+    d = decoders
+    print(f"JPEG decode, {d['images']} sharded images, one thread, CPU-ms per image: " + ", ".join(
+        f"{k} {v:.3f}" for k, v in d["cpu_ms_per_image"].items())
+        + f"; torchvision vs PIL pixels: max |diff| {d['torchvision_vs_pil_max_abs']}, mean "
+          f"{d['torchvision_vs_pil_mean_abs']:.4f}, {100 * d['torchvision_vs_pil_differing_fraction']:.2f}% differ")
     print()
     print(f"{'recipe':>16} {'GPU consumer':>22} {'images/s':>9} {'cores needed':>12} "
           f"{f'{args.project_cores} cores/consumed':>18} {'measured here/consumed':>23}")
@@ -409,14 +551,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k['recipe']:>16} {k['model'] + ' ' + k['consumer']:>22} {k['consumes_images_per_s']:>9.0f} "
               f"{k['cores_needed']:>12.1f} {k['projected_over_consumed']:>18.2f} "
               f"{k['delivered_over_consumed']:>17.3f} (w={k['best_workers']})")
-    print("cores needed = consumed images/s x loader CPU-seconds per image (cheapest worker count > 0); "
+    print(f"({after} path) cores needed = consumed images/s x loader CPU-seconds per image (cheapest worker count > 0); "
           f"{args.project_cores} cores = {args.project_cores} / CPU-seconds per image, assuming linear scaling "
           "and no core left to the trainer")
     if decode.get("available"):
         r = decode["images_per_s"]
         print(f"\nJPEG decode, {decode['images']} sharded images, batch {decode['batch']}: PIL {r['pil_cpu']:.0f}, "
               f"torchvision CPU {r['torchvision_cpu']:.0f}, torchvision CUDA {r['torchvision_cuda']:.0f} images/s "
-              f"({decode['cuda_vs_pil']:.2f}x PIL)")
+              f"({decode['cuda_vs_pil']:.2f}x PIL); CUDA vs PIL pixels: max |diff| {decode['cuda_vs_pil_max_abs']}, "
+              f"mean {decode['cuda_vs_pil_mean_abs']:.4f}")
     elif args.gpu_decode:
         print(f"\n--gpu-decode: unavailable, skipped ({decode['reason']})")
     if args.json:

@@ -11,8 +11,18 @@ this project's images/s by timm's.
     python benchmarks/model_throughput.py --models coatnet_0 coatnet_2 --batch 256 --peak 790 \\
         --compile ours --json out.json --md out.md                                          # one H200
 
+``--trainer`` adds, beside the bare step, the step the pipeline's trainer runs, built through its own
+engine construction (``pipeline.train.engine``: DeepSpeed with the recipe's ZeRO stage, bf16 on CUDA, its
+AdamW: DeepSpeed's FusedAdam on CUDA) from ``--trainer-recipe`` (default: the model's 1K pretraining
+recipe), fed what the loader delivers (pinned uint8 NHWC pixels): ``device_input.to_device`` (copy,
+normalise, the recipe's MixUp), forward, the recipe's loss, the trainer's finiteness all-reduce, DeepSpeed's
+backward and step, ``loss.item()``. Its ratio to the bare step is the trainer's overhead. Without deepspeed
+(the GPU machine has it only from carried wheels) the row is skipped with a message.
+
 ``--max-batch`` instead searches the largest micro-batch that trains (doubling, then bisection) with
 activation checkpointing, e.g. for coatnet_7 on one GPU.
+
+    python benchmarks/model_throughput.py --models coatnet_pico --img-size 32 --batch 2 --steps 2 --trainer  # CPU
 """
 
 from __future__ import annotations
@@ -20,17 +30,21 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import resource
+import socket
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import coatnet  # noqa: E402
 
@@ -131,17 +145,23 @@ def inputs(batch: int, args: argparse.Namespace, device: torch.device) -> tuple[
     return x.contiguous(memory_format=torch.channels_last), y
 
 
+IMPLS = {"ours": "this project", "timm": "timm", "trainer": "pipeline trainer"}
+
+
 class Runner:
     """One model with its optimizer step, ready to be timed."""
 
     def __init__(self, impl: str, name: str, args: argparse.Namespace, device: torch.device) -> None:
         self.impl, self.device, self.args = impl, device, args
-        self.row = {"impl": "this project" if impl == "ours" else "timm",
+        self.row = {"impl": IMPLS[impl],
                     "model": name if impl == "ours" else timm_name(name), "batch": args.batch,
                     "img_size": args.img_size, "dtype": args.dtype if device.type == "cuda" else "fp32"}
         self.times: list[float] = []
         self.error: str | None = None
+        self.skipped: str | None = None
         self.peak = 0.0
+        if impl == "trainer":
+            return  # TrainerRunner builds it
         try:
             torch.manual_seed(0)
             self.model, self.macs = build(impl, name, args, device)
@@ -160,7 +180,7 @@ class Runner:
         gc.collect()
 
     def warmup(self) -> None:
-        if self.error:
+        if self.error or self.skipped:
             return
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -172,7 +192,7 @@ class Runner:
             self.fail(e)
 
     def timed_step(self) -> None:
-        if self.error:
+        if self.error or self.skipped:
             return
         try:
             self.times += time_steps(self.step, self.x, self.y, 0, 1, self.device)
@@ -183,6 +203,8 @@ class Runner:
             self.fail(e)
 
     def result(self) -> dict:
+        if self.skipped:
+            return {**self.row, "skipped": self.skipped}
         if self.error:
             return {**self.row, "error": self.error}
         med = statistics.median(self.times)
@@ -193,9 +215,13 @@ class Runner:
                "peak_mem_gib": self.peak}
         if self.args.peak:
             row["utilisation"] = tflops / self.args.peak
+        row.update(self.extra())
         print(f"  {row['model']}: {ips:.2f} images/s, {tflops:.4f} TFLOP/s, median step {med * 1e3:.1f} ms",
               flush=True)
         return row
+
+    def extra(self) -> dict:
+        return {}
 
     def close(self) -> None:
         self.model = self.step = self.x = self.y = None
@@ -204,13 +230,154 @@ class Runner:
             torch.cuda.empty_cache()
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_world_of_one(device: torch.device) -> None:
+    """A process group of one, as the trainer's setup does for a plain ``python`` process (without importing
+    pipeline.train.distributed, whose data module needs mosaicml-streaming)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if device.type != "cuda":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def trainer_recipe(name: str, args: argparse.Namespace) -> Path:
+    if args.trainer_recipe:
+        return Path(args.trainer_recipe)
+    row = ROOT / "configs" / "pretrain" / f"{name}_in1k.yaml"
+    return row if row.is_file() else ROOT / "configs" / "pretrain" / "demo.yaml"
+
+
+class TrainerRunner(Runner):
+    """The pipeline trainer's step: its DeepSpeed engine (pipeline.train.engine) from the recipe, its input
+    path (device_input.to_device on pinned uint8 pixels), its loss, and the per-micro-batch syncs of its loop."""
+
+    def __init__(self, name: str, args: argparse.Namespace, device: torch.device) -> None:
+        super().__init__("trainer", name, args, device)
+        self.row["model"], self.row["compiled"] = name, False
+        self.input_times: list[float] = []
+        self.info: dict = {}
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as e:
+            self.skipped = (f"deepspeed is not installed ({e}); on the GPU machine carry the wheels of "
+                            "../shared/device/fetch-wheels.sh in .whl (run_h200.sh installs them)")
+            print(f"  {name} trainer: SKIPPED {self.skipped}", flush=True)
+            return
+        if device.type != ("cuda" if torch.cuda.is_available() else "cpu"):
+            self.skipped = "the trainer picks its device itself (CUDA when available); run without --device"
+            print(f"  {name} trainer: SKIPPED {self.skipped}", flush=True)
+            return
+        try:
+            self.build(name, args, device)
+        except Exception as e:  # noqa: BLE001 - reported as the row's result
+            self.fail(e)
+
+    def build(self, name: str, args: argparse.Namespace, device: torch.device) -> None:
+        import torch.distributed as dist
+
+        from pipeline.train.config import load_config, make_plan
+        from pipeline.train.device_input import to_device
+        from pipeline.train.engine import build_model, initialize, input_dtype
+        from pipeline.train.loss import build_loss
+
+        join_world_of_one(device)
+        recipe = trainer_recipe(name, args)
+        self.tmp = tempfile.TemporaryDirectory(prefix="coatnet-trainer-step-")
+        overrides = [
+            f"model.name={name}", f"model.img_size={args.img_size}", f"model.num_classes={args.num_classes}",
+            f"model.drop_path_rate={args.drop_path}", f"model.grad_checkpointing={str(args.grad_ckpt).lower()}",
+            f"model.overrides={{attn_impl: {args.attn_impl}, channels_last: {str(not args.no_channels_last).lower()}}}",
+            f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.batch}",
+            f"deepspeed.zero_stage={args.zero_stage}",
+            f"deepspeed.precision={'bf16' if device.type == 'cuda' and args.dtype == 'bf16' else 'fp32'}",
+            "data.root=unused", f"output_dir={self.tmp.name}", "logging.mlflow=false",
+            "schedule.warmup_steps=0", "schedule.warmup_epochs=0",
+        ]
+        cfg = load_config(recipe, overrides, check_data=False)
+        plan = make_plan(cfg, 1, with_counts=False, train_samples=args.batch * 1000, num_classes=args.num_classes)
+        torch.manual_seed(0)
+        try:
+            engine, _ = initialize(build_model(cfg, plan), cfg, plan)
+            optimizer = "the trainer's own"
+        except Exception as e:  # noqa: BLE001 - DeepSpeed's FusedAdam compiles at first use and needs nvcc
+            if device.type != "cuda":
+                raise
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            print(f"  {name} trainer: DeepSpeed's optimizer failed to build ({why}); "
+                  "retrying with torch's fused AdamW under DeepSpeed", flush=True)
+            cfg = load_config(recipe, [*overrides, "deepspeed.extra={optimizer: {params: {torch_adam: true, "
+                                                   "fused: true}}}"], check_data=False)
+            torch.manual_seed(0)
+            engine, _ = initialize(build_model(cfg, plan), cfg, plan)
+            optimizer = f"torch AdamW(fused=True): the trainer's failed ({why})"
+        base = getattr(engine, "basic_optimizer", None) or engine.optimizer
+        self.info = {"recipe": str(recipe.relative_to(ROOT) if recipe.is_relative_to(ROOT) else recipe),
+                     "zero_stage": args.zero_stage, "precision": "bf16" if input_dtype(cfg) == torch.bfloat16
+                     else "fp32", "optimizer": f"{type(base).__name__} in {type(engine.optimizer).__name__}",
+                     "optimizer_note": optimizer, "mix": bool(cfg.augment.mixup_alpha or cfg.augment.cutmix_alpha)}
+        self.row["dtype"] = self.info["precision"]
+        self.engine, self.cfg, self.plan = engine, cfg, plan
+        self.model = engine.module
+        self.macs = float(coatnet.count(engine.module.config)[1])
+        loss_fn, dtype = build_loss(cfg.loss), input_dtype(cfg)
+        g = torch.Generator().manual_seed(0)
+        pixels = torch.randint(0, 256, (args.batch, args.img_size, args.img_size, 3), dtype=torch.uint8, generator=g)
+        batch = {"image": pixels.pin_memory() if device.type == "cuda" else pixels,
+                 "label": torch.randint(0, args.num_classes, (args.batch,), generator=g),
+                 "idx": torch.arange(args.batch)}
+
+        def step(b: dict, _: None) -> torch.Tensor:
+            x, y = to_device(b, device, dtype, cfg, mix_classes=plan.num_classes)
+            loss = loss_fn(engine(x), y)
+            # The loop's check that the loss is finite on every rank (DistContext.all_finite): a sync per micro-batch.
+            flag = torch.isfinite(loss.detach()).all().to(torch.int32).reshape(1)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            if not flag.item():
+                raise FloatingPointError("non-finite loss")
+            engine.backward(loss)
+            engine.step()
+            loss.item()  # the loop accumulates the loss as a float
+            return loss
+
+        self.step, self.x, self.y = step, batch, None
+        self.to_device = lambda: to_device(batch, device, dtype, cfg, mix_classes=plan.num_classes)
+
+    def extra(self) -> dict:
+        # The input part alone (copy, normalise, mix), timed after the steps.
+        times = time_steps(lambda *_: self.to_device(), None, None, 1, 5, self.device)
+        return {**self.info, "input_ms_median": statistics.median(times) * 1e3}
+
+    def close(self) -> None:
+        self.engine = self.to_device = None
+        super().close()
+        if getattr(self, "tmp", None):
+            self.tmp.cleanup()
+
+
 def run_pair(name: str, args: argparse.Namespace, device: torch.device) -> list[dict]:
     """This project's model and timm's on the same input. Interleaved step by step (a shared CPU's load
     then hits both alike) or one after the other (clean per-model peak memory on a dedicated GPU)."""
-    impls = ["ours"] + (["timm"] if not args.no_timm and timm_name(name) else [])
+    impls = ["ours"] + (["timm"] if not args.no_timm and timm_name(name) else []) + (["trainer"] if args.trainer else [])
+
+    def runner(impl: str) -> Runner:
+        return TrainerRunner(name, args, device) if impl == "trainer" else Runner(impl, name, args, device)
+
     rows = []
     if args.interleave:
-        runners = [Runner(i, name, args, device) for i in impls]
+        runners = [runner(i) for i in impls]
         for r in runners:
             r.warmup()
         for _ in range(args.steps):
@@ -221,7 +388,7 @@ def run_pair(name: str, args: argparse.Namespace, device: torch.device) -> list[
             r.close()
     else:
         for i in impls:
-            r = Runner(i, name, args, device)
+            r = runner(i)
             r.warmup()
             for _ in range(args.steps):
                 r.timed_step()
@@ -277,7 +444,7 @@ def max_batch(name: str, args: argparse.Namespace, device: torch.device) -> dict
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if lo:
-        args.batch, args.no_timm = lo, True
+        args.batch, args.no_timm, args.trainer = lo, True, False
         row.update(run_pair(name, args, device)[0])
     return row
 
@@ -286,8 +453,9 @@ def markdown(rows: list[dict], ratios: list[dict], args: argparse.Namespace) -> 
     lines = ["| impl | model | batch | dtype | images/s | median step ms | GMACs/img | TFLOP/s | util | peak GiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['impl']} | {r['model']} | {r['batch']} | {r['dtype']} | failed: {r['error']} |||||||")
+        if "error" in r or "skipped" in r:
+            why = f"failed: {r['error']}" if "error" in r else f"skipped: {r['skipped']}"
+            lines.append(f"| {r['impl']} | {r['model']} | {r['batch']} | {r['dtype']} | {why} |||||||")
             continue
         util = f"{100 * r['utilisation']:.1f}%" if "utilisation" in r else "-"
         lines.append(
@@ -296,8 +464,14 @@ def markdown(rows: list[dict], ratios: list[dict], args: argparse.Namespace) -> 
             f"{r['peak_mem_gib']:.1f} |"
         )
     for q in ratios:
-        lines.append(f"\n{q['model']}: this project / timm images/s = **{q['ratio']:.2f}x** (median steps; "
-                     f"{q['ratio_best_step']:.2f}x best step vs best step)")
+        if "ratio" in q:
+            lines.append(f"\n{q['model']}: this project / timm images/s = **{q['ratio']:.2f}x** (median steps; "
+                         f"{q['ratio_best_step']:.2f}x best step vs best step)")
+        if "trainer_vs_ours" in q:
+            vs_timm = f", trainer / timm = **{q['trainer_vs_timm']:.2f}x**" if "trainer_vs_timm" in q else ""
+            lines.append(f"\n{q['model']}: pipeline trainer step / bare step images/s = **{q['trainer_vs_ours']:.2f}x**"
+                         f"{vs_timm} (median steps; trainer input copy + normalise {q['trainer_input_ms']:.2f} ms "
+                         f"of its {q['trainer_step_ms']:.1f} ms step; optimizer {q['trainer_optimizer']})")
     return "\n".join(lines) + "\n"
 
 
@@ -319,6 +493,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drop-path", type=float, default=0.0)
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per block")
     p.add_argument("--no-timm", action="store_true", help="only this project's models")
+    p.add_argument("--trainer", action="store_true",
+                   help="add the pipeline trainer's DeepSpeed step (pipeline.train.engine) beside the bare step")
+    p.add_argument("--trainer-recipe", default=None,
+                   help="recipe YAML of the trainer row (default: configs/pretrain/<model>_in1k.yaml, else demo.yaml)")
+    p.add_argument("--zero-stage", type=int, default=2, help="ZeRO stage of the trainer row")
     p.add_argument("--max-batch", action="store_true", help="search the largest trainable micro-batch instead")
     p.add_argument("--max-batch-limit", type=int, default=4096)
     p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
@@ -353,12 +532,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name} at {args.img_size}, batch {args.batch}:", flush=True)
         pair = run_pair(name, args, device)
         rows += pair
-        if len(pair) == 2 and not any("error" in r for r in pair):
-            ratios.append({"model": name, "ratio": pair[0]["images_per_s"] / pair[1]["images_per_s"],
-                           # best step against best step: less sensitive to a shared machine's load spikes
-                           "ratio_best_step": pair[1]["step_ms_min"] / pair[0]["step_ms_min"]})
-            print(f"  ratio this project / timm: {ratios[-1]['ratio']:.2f}x (median steps), "
-                  f"{ratios[-1]['ratio_best_step']:.2f}x (best steps)", flush=True)
+        ok = {r["impl"]: r for r in pair if "images_per_s" in r}
+        ours, timm, trainer = (ok.get(IMPLS[k]) for k in ("ours", "timm", "trainer"))
+        q: dict = {"model": name}
+        if ours and timm:
+            q.update(ratio=ours["images_per_s"] / timm["images_per_s"],
+                     # best step against best step: less sensitive to a shared machine's load spikes
+                     ratio_best_step=timm["step_ms_min"] / ours["step_ms_min"])
+            print(f"  ratio this project / timm: {q['ratio']:.2f}x (median steps), "
+                  f"{q['ratio_best_step']:.2f}x (best steps)", flush=True)
+        if ours and trainer:
+            q.update(trainer_vs_ours=trainer["images_per_s"] / ours["images_per_s"],
+                     trainer_input_ms=trainer["input_ms_median"], trainer_step_ms=trainer["step_ms_median"],
+                     trainer_optimizer=trainer["optimizer"])
+            if timm:
+                q["trainer_vs_timm"] = trainer["images_per_s"] / timm["images_per_s"]
+            print(f"  ratio pipeline trainer / this project's bare step: {q['trainer_vs_ours']:.2f}x", flush=True)
+        if len(q) > 1:
+            ratios.append(q)
     md = markdown(rows, ratios, args) if rows else ""
     if searches:
         md += "\n| model | largest micro-batch | images/s | peak GiB |\n|---|---|---|---|\n" + "".join(

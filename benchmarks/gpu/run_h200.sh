@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 8's GPU measurements in one command, on the lent H200, from the repository root:
+# Issues 8 and 13's GPU measurements in one command, on the lent H200, from the repository root:
 #
 #     bash benchmarks/gpu/run_h200.sh
 #
@@ -14,9 +14,15 @@
 #   3. coatnet_5, 224, batch 64, bf16, compiled: utilisation against 790 TFLOP/s, timm alongside
 #   4. coatnet_7, 224: largest micro-batch that trains with activation checkpointing, and its images/s
 #   5. torch.profiler of a coatnet_0 step (top CUDA kernels) and A/B of the model-side options
-#   6. loader: images/s of the streaming training loader (decode + augmentation) vs worker count on the
-#      16 cores, JPEG decode on GPU vs PIL; needs mosaicml-streaming and the wheels listed in
-#      benchmarks/gpu/README.md in .whl/ (carry it), else it is skipped and the rest still runs
+#   1b. c02_trainer: the same models with the pipeline trainer's DeepSpeed step (ZeRO-2, bf16, its AdamW,
+#      uint8 input normalised on the GPU) beside the bare step and timm; needs deepspeed from .whl/
+#   6. loader: images/s per core of the streaming training loader before/after the uint8 change vs worker
+#      count on the 16 cores, JPEG decode on GPU vs PIL (speed, pixels); needs mosaicml-streaming
+#
+# Wheels: whatever .whl/ holds (carry it; ../shared/device/fetch-wheels.sh, plus the streaming wheels listed in
+# benchmarks/gpu/README.md) is installed once into /tmp/site, which only the sections that need it
+# (c02_trainer: deepspeed; loader: streaming) put on their path; without it they are skipped with a
+# line in status.txt and the rest still runs.
 #
 # Run it through the device tool with timeout_s=600:  bash benchmarks/gpu/run_h200.sh
 # SECTIONS="loader" (names as in the SECTIONS default below) runs only those sections. A section whose limit
@@ -28,7 +34,7 @@ PY=${PY:-python3}
 BENCH=benchmarks/model_throughput.py
 mkdir -p "$OUT"
 start=$(date +%s)
-SECTIONS=${SECTIONS:-"check_cuda c02_eager c02_compiled c5_compiled c7_maxbatch profile loader"}
+SECTIONS=${SECTIONS:-"check_cuda c02_eager c02_trainer c02_compiled c5_compiled c7_maxbatch profile loader"}
 BUDGET_S=${BUDGET_S:-585}
 wanted() { [[ " $SECTIONS " == *" $1 "* ]]; }
 section() {  # name, seconds, command...
@@ -46,10 +52,26 @@ section() {  # name, seconds, command...
   tail -n 25 "$OUT/$name.log"
 }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c "import torch, timm; print(torch.__version__, timm.__version__)"; } > "$OUT/env.txt" 2>&1
+# The carried wheels, once, into a directory of their own: the sections without them keep the machine's packages.
+WPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    > "$OUT/wheels_install.log" 2>&1 && WPATH=/tmp/site:$WPATH
+fi
+importable() { PYTHONPATH=$WPATH $PY -c "import $1" > "$OUT/import_$1.log" 2>&1; }
 
 section check_cuda 90 $PY benchmarks/gpu/check_cuda.py
 section c02_eager 100 $PY $BENCH --models coatnet_0 coatnet_2 --batch 256 --peak 790 --steps 15 --warmup 3 \
   --json "$OUT/c02_eager.json" --md "$OUT/c02_eager.md"
+if wanted c02_trainer; then
+  if importable deepspeed; then
+    PYTHONPATH=$WPATH section c02_trainer 200 $PY $BENCH --models coatnet_0 coatnet_2 --batch 256 --peak 790 \
+      --steps 15 --warmup 3 --trainer --json "$OUT/c02_trainer.json" --md "$OUT/c02_trainer.md"
+  else
+    echo "c02_trainer skipped: deepspeed not importable (run ../shared/device/fetch-wheels.sh, carry .whl;" \
+      "see import_deepspeed.log)" | tee -a "$OUT/status.txt"
+  fi
+fi
 section c02_compiled 150 $PY $BENCH --models coatnet_0 coatnet_2 --batch 256 --peak 790 --steps 15 --warmup 3 \
   --compile ours --json "$OUT/c02_compiled.json" --md "$OUT/c02_compiled.md"
 section c5_compiled 80 $PY $BENCH --models coatnet_5 --batch 64 --peak 790 --steps 10 --warmup 3 \
@@ -57,21 +79,14 @@ section c5_compiled 80 $PY $BENCH --models coatnet_5 --batch 64 --peak 790 --ste
 section c7_maxbatch 90 $PY $BENCH --models coatnet_7 --max-batch --grad-ckpt --batch 64 --steps 3 --warmup 1 \
   --max-batch-limit 1024 --peak 790 --json "$OUT/c7.json" --md "$OUT/c7.md"
 section profile 45 $PY benchmarks/gpu/profile_step.py --model coatnet_0 --batch 128 --reps 5 --out "$OUT/profile"
-# The loader needs mosaicml-streaming, which that machine lacks: use it if already importable (the
-# fetch-wheels install line ran), else install .whl/ into a directory of its own for this section only.
 if wanted loader; then
-  LPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
-  if ! PYTHONPATH=$LPATH $PY -c "import streaming" 2>/dev/null && ls .whl/mosaicml_streaming-*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-loader \
-      .whl/*.whl > "$OUT/loader_install.log" 2>&1
-    LPATH=/tmp/site-loader:$LPATH
-  fi
-  if PYTHONPATH=$LPATH $PY -c "import streaming" > "$OUT/loader_import.log" 2>&1; then
-    PYTHONPATH=$LPATH section loader 150 $PY benchmarks/loader_throughput.py --images 2048 --batch 32 \
-      --workers 1 4 8 16 --repeats 2 --pass-seconds 4 --project-cores 16 --gpu-decode --json "$OUT/loader.json"
+  if importable streaming; then
+    # 24 passes (2 recipes x 2 paths x 3 worker counts x 2 repeats) of about 3.5 s, and making the corpus.
+    PYTHONPATH=$WPATH section loader 200 $PY benchmarks/loader_throughput.py --images 2048 --batch 32 \
+      --workers 1 8 16 --repeats 2 --pass-seconds 3 --project-cores 16 --gpu-decode --json "$OUT/loader.json"
   else
     echo "loader skipped: mosaicml-streaming not importable (fetch the wheels in benchmarks/gpu/README.md" \
-      "into .whl and carry it; see loader_import.log)" | tee -a "$OUT/status.txt"
+      "into .whl and carry it; see import_streaming.log)" | tee -a "$OUT/status.txt"
   fi
 fi
 cat "$OUT"/*.md > "$OUT/summary.md" 2>/dev/null

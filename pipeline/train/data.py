@@ -1,9 +1,10 @@
 """Streaming the MDS shards: StreamingDataset + StreamingDataLoader with sample-exact resume.
 
-Decoding and augmentation run in the DataLoader workers (``__getitem__``). Augmentation draws
-from a generator seeded by (run seed, epoch, sample id), so a sample gets the same crop whether
-the run was interrupted or not and whatever the number of ranks or workers; the global order
-comes from streaming's deterministic shuffle with a pinned ``num_canonical_nodes``.
+Decoding and augmentation run in the DataLoader workers (``__getitem__``), which send uint8 pixels;
+scaling, normalisation and MixUp/CutMix run on the device after the copy (``device_input.to_device``).
+Augmentation draws from a generator seeded by (run seed, epoch, sample id), so a sample gets the same
+crop whether the run was interrupted or not and whatever the number of ranks or workers; the global
+order comes from streaming's deterministic shuffle with a pinned ``num_canonical_nodes``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 from streaming import StreamingDataLoader, StreamingDataset
-from torch.utils.data import default_collate
 
 from pipeline.train.config import Plan, TrainConfig, split_uri
-from pipeline.train.transforms import batch_mix, eval_transform, train_transform
+from pipeline.train.streaming_shm import release_stale_shared_memory
+from pipeline.train.transforms import augment_seed, eval_resize, to_uint8_hwc, train_augment
+
+# release_stale_shared_memory: re-exported, the trainer's entry to streaming_shm.
+__all__ = ["ImageShards", "build_eval_loader", "build_train_loader", "cache_root", "decode", "local_dirs",
+           "release_stale_shared_memory", "streaming_env"]
 
 
 def streaming_env(rank: int, world_size: int, local_rank: int, local_world_size: int) -> None:
@@ -30,15 +35,23 @@ def streaming_env(rank: int, world_size: int, local_rank: int, local_world_size:
     })
 
 
-def _mix_seed(*parts: int) -> int:
-    h = 1469598103934665603
-    for p in parts:  # FNV-1a over the parts: cheap, stable across processes (unlike hash()).
-        h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
-    return h & 0x7FFFFFFFFFFFFFFF
+def decode(data: bytes) -> Image.Image:
+    """Encoded image bytes -> an RGB PIL image (decoded on first use by the transform).
+
+    PIL's JPEG decoder (libjpeg-turbo) gave the same pixels as torchvision.io.decode_jpeg on the shards'
+    JPEGs and is as fast once the redundant RGB-to-RGB copy is skipped; the augmentation needs a PIL
+    image anyway (benchmarks/loader_throughput.py measures both, with their pixel difference).
+    """
+    img = Image.open(io.BytesIO(data))
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 class ImageShards(StreamingDataset):
-    """MDS rows (image bytes, label, key) -> {"image": tensor, "label": int, "idx": int, "key": str}."""
+    """MDS rows (image bytes, label, key) -> {"image": uint8 (H, W, 3) tensor, "label": int, "idx": int, "key": str}.
+
+    ``transform``: PIL image -> PIL image (``transforms.train_augment`` or ``eval_resize``); with ``aug_seed``
+    its draws are seeded by (aug_seed, epoch, sample id).
+    """
 
     def __init__(self, *, transform: Callable, aug_seed: int | None, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -47,29 +60,17 @@ class ImageShards(StreamingDataset):
 
     def __getitem__(self, idx: int) -> dict:
         row = super().__getitem__(idx)
-        img = Image.open(io.BytesIO(row["image"])).convert("RGB")
+        img = decode(row["image"])
         if self.aug_seed is None:
-            x = self.transform(img)
+            img = self.transform(img)
         else:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_mix_seed(self.aug_seed, self.next_epoch - 1, idx))
-                x = self.transform(img)
-        return {"image": x, "label": int(row["label"]), "idx": int(idx), "key": str(row.get("key", idx))}
-
-
-class MixCollate:
-    """Collate, then MixUp/CutMix seeded by the batch's sample ids (so it is resume-exact too)."""
-
-    def __init__(self, mix: Callable, seed: int) -> None:
-        self.mix = mix
-        self.seed = seed
-
-    def __call__(self, rows: list[dict]) -> dict:
-        batch = default_collate(rows)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_mix_seed(self.seed, *batch["idx"].tolist()[:8]))
-            batch["image"], batch["label"] = self.mix(batch["image"], batch["label"])
-        return batch
+                # The CPU generator alone: torch.manual_seed would also queue a CUDA reseed, recording a
+                # stack trace each time (about 1 ms per sample in a worker), for a generator never used here.
+                torch.default_generator.manual_seed(augment_seed(self.aug_seed, self.next_epoch - 1, idx))
+                img = self.transform(img)
+        return {"image": to_uint8_hwc(img), "label": int(row["label"]), "idx": int(idx),
+                "key": str(row.get("key", idx))}
 
 
 def cache_root(cfg: TrainConfig) -> Path:
@@ -85,60 +86,13 @@ def local_dirs(cfg: TrainConfig) -> list[str]:
     return [_local(cfg, "train", cfg.data.train_split), _local(cfg, "eval", cfg.data.eval_split)]
 
 
-def registered_prefixes(dirs: list[str]) -> list[int]:
-    """Streaming's shared-memory prefixes whose registered local directories include any of ``dirs``."""
-    from streaming.base.constant import LOCALS
-    from streaming.base.shared import SharedMemory
-    from streaming.base.shared.prefix import _get_path, _unpack_locals
-
-    mine, found, misses, prefix = set(dirs), [], 0, -1
-    # Prefixes are allocated upwards from 0 but leave gaps (a crashed job's file locks block its prefix
-    # for good); a long run of gaps means the end.
-    while misses < 4096:
-        prefix += 1
-        try:
-            shm = SharedMemory(_get_path(prefix, LOCALS), create=False, auto_cleanup=False)
-        except FileNotFoundError:
-            misses += 1
-            continue
-        except PermissionError:
-            continue
-        misses = 0
-        try:
-            theirs, _ = _unpack_locals(bytes(shm.buf))
-        finally:
-            shm.cleanup()
-        if mine & set(theirs):
-            found.append(prefix)
-    return found
-
-
-def release_stale_shared_memory(dirs: list[str]) -> int:
-    """Unlink streaming's shared memory registered for these local directories; returns how many sets.
-
-    Called on each node before this run creates its datasets: any registration of its own (run-unique)
-    directories then belongs to a killed earlier process of the same run, and can make streaming
-    refuse them ("Reused local directory"). Unlike streaming's clean_stale_shared_memory(), this
-    leaves other jobs on the node alone.
-    """
-    import _posixshmem  # what multiprocessing.shared_memory itself calls; bypasses its resource tracker
-
-    from streaming.base.constant import SHM_TO_CLEAN
-    from streaming.base.shared.prefix import _get_path
-
-    prefixes = registered_prefixes(dirs)
-    for prefix in prefixes:
-        for name in SHM_TO_CLEAN:
-            try:
-                _posixshmem.shm_unlink("/" + _get_path(prefix, name))
-            except FileNotFoundError:
-                pass
-    return len(prefixes)
-
-
-def build_train_loader(cfg: TrainConfig, plan: Plan) -> StreamingDataLoader:
-    ds = ImageShards(
-        transform=train_transform(cfg.augment, cfg.model.img_size),
+def build_train_loader(cfg: TrainConfig, plan: Plan, *, dataset: Callable[..., ImageShards] = ImageShards,
+                       transform: Callable | None = None, collate_fn: Callable | None = None) -> StreamingDataLoader:
+    """The training loader: shuffled, seeded augmentation, batches of uint8 pixels (``device_input.to_device``
+    makes the model input). ``dataset``, ``transform`` and ``collate_fn`` replace those parts for a benchmark
+    comparing another per-sample path on the same loader (benchmarks/loader_throughput.py)."""
+    ds = dataset(
+        transform=transform or train_augment(cfg.augment, cfg.model.img_size),
         aug_seed=cfg.seed,
         remote=split_uri(cfg, cfg.data.train_split),
         local=_local(cfg, "train", cfg.data.train_split),
@@ -150,7 +104,6 @@ def build_train_loader(cfg: TrainConfig, plan: Plan) -> StreamingDataLoader:
         shuffle_algo=cfg.data.shuffle_algo,
         num_canonical_nodes=cfg.data.num_canonical_nodes,
     )
-    mix = batch_mix(cfg.augment, plan.num_classes)
     return StreamingDataLoader(
         ds,
         batch_size=plan.micro_batch_size,
@@ -159,7 +112,7 @@ def build_train_loader(cfg: TrainConfig, plan: Plan) -> StreamingDataLoader:
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
         drop_last=True,
-        collate_fn=MixCollate(mix, cfg.seed) if mix else None,
+        collate_fn=collate_fn,
         # Worker seeding must not draw from the global RNG: that would shift the dropout / drop-path
         # stream of a resumed run (its loader starts at another point of the RNG sequence).
         generator=torch.Generator().manual_seed(cfg.seed),
@@ -167,8 +120,9 @@ def build_train_loader(cfg: TrainConfig, plan: Plan) -> StreamingDataLoader:
 
 
 def build_eval_loader(cfg: TrainConfig) -> StreamingDataLoader:
+    """The evaluation loader: the recipe's resize and center crop, batches of uint8 pixels, in order."""
     ds = ImageShards(
-        transform=eval_transform(cfg.augment, cfg.eval, cfg.model.img_size),
+        transform=eval_resize(cfg.augment, cfg.eval, cfg.model.img_size),
         aug_seed=None,
         remote=split_uri(cfg, cfg.data.eval_split),
         local=_local(cfg, "eval", cfg.data.eval_split),

@@ -17,6 +17,7 @@ from pipeline.train import export
 from pipeline.train.checkpoint import CheckpointManager, tag_for
 from pipeline.train.config import Plan, TrainConfig, make_plan
 from pipeline.train.data import build_eval_loader, build_train_loader, local_dirs, release_stale_shared_memory
+from pipeline.train.device_input import to_device
 from pipeline.train.distributed import DistContext, setup_distributed
 from pipeline.train.ema import ModelEma
 from pipeline.train.engine import build_model, initialize, input_dtype
@@ -155,8 +156,7 @@ def train_step(engine, batches, loss_fn, dtype, ctx: DistContext, timer: StepTim
         t0 = time.perf_counter()
         batch = next(batches)
         timer.waited(time.perf_counter() - t0)
-        x = batch["image"].to(ctx.device, dtype, non_blocking=True)
-        y = batch["label"].to(ctx.device, non_blocking=True)
+        x, y = to_device(batch, ctx.device, dtype, config, mix_classes=plan.num_classes)
         loss = loss_fn(engine(x), y)
         if _fault_injected(state.step) or not ctx.all_finite(loss):
             handle_nonfinite(loss, batch, engine, state, config, ckpts, ctx)
@@ -233,8 +233,8 @@ def evaluate(engine, loader, config: TrainConfig, ctx: DistContext) -> dict:
     for i, batch in enumerate(loader):
         if n_batches is not None and i >= n_batches:
             break
-        logits = engine(batch["image"].to(ctx.device, input_dtype(config))).float()
-        y = batch["label"].to(ctx.device)
+        x, y = to_device(batch, ctx.device, input_dtype(config), config)
+        logits = engine(x).float()
         loss = F.cross_entropy(logits, y, reduction="none")
         correct = logits.argmax(-1).eq(y)
         rows += zip(batch["idx"].tolist(), loss.tolist(), correct.tolist())

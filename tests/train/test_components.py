@@ -15,11 +15,10 @@ from PIL import Image
 import coatnet
 from pipeline.train.checkpoint import COMPLETE, CheckpointManager, ResumeError
 from pipeline.train.config import AugmentConfig, EvalConfig, OptimConfig, RandAugmentConfig, ScheduleConfig
-from pipeline.train.data import MixCollate
 from pipeline.train.ema import ModelEma
 from pipeline.train.loss import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 from pipeline.train.optim import lr_at, param_groups
-from pipeline.train.transforms import batch_mix, eval_transform, train_transform
+from pipeline.train.transforms import eval_transform, train_transform
 
 
 def test_param_groups_exempt_norms_biases_and_relative_position_tables():
@@ -100,15 +99,6 @@ def test_transforms_shapes_and_determinism():
     assert eval_transform(aug, EvalConfig(center_crop=False), 32)(img).shape == (3, 32, 32)
 
 
-def test_mixup_collate_is_seeded_by_the_batch():
-    mix = batch_mix(AugmentConfig(mixup_alpha=0.8, cutmix_alpha=1.0), num_classes=4)
-    rows = [{"image": torch.rand(3, 8, 8), "label": i % 4, "idx": i, "key": str(i)} for i in range(4)]
-    a, b = MixCollate(mix, 0)(rows), MixCollate(mix, 0)(rows)
-    assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
-    assert a["label"].shape == (4, 4) and torch.allclose(a["label"].sum(1), torch.ones(4))
-    assert batch_mix(AugmentConfig(), 4) is None
-
-
 class _NoEngine:
     """The manager must refuse before it ever touches the engine."""
 
@@ -187,7 +177,7 @@ def test_stale_shared_memory_of_a_crashed_run_is_released(digits_shards, tmp_pat
     from streaming import StreamingDataset
 
     from pipeline.train.config import dataset_root
-    from pipeline.train.data import registered_prefixes, release_stale_shared_memory
+    from pipeline.train.streaming_shm import registered_prefixes, release_stale_shared_memory
 
     remote, local = dataset_root(digits_shards) + "/minival", str(tmp_path / "cache-minival")
     # A process killed hard (SIGKILL to its whole group: it and its resource tracker, as the OOM killer
