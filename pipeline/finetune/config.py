@@ -15,37 +15,31 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import TypeAdapter, ValidationError
 
 from pipeline.finetune.head import HEAD_MODES
 from pipeline.train.config import (
     ConfigError,
+    Str,
     TrainConfig,
     apply_overrides,
     check_shards,
+    config_error,
     from_dict,
     read_recipe,
+    section,
 )
 
 SECTION = "finetune"
 
 
-@dataclass(frozen=True)
+@section
 class FinetuneSection:
-    pretrained: str
-    source_classes: str | None = None
-    head_init: str = "select"
-
-    def validate(self) -> None:
-        if not self.pretrained:
-            raise ConfigError("finetune.pretrained: the pretrained checkpoint or weights are required")
-        if self.head_init not in HEAD_MODES:
-            raise ConfigError(f"finetune.head_init: {self.head_init!r} is not one of {list(HEAD_MODES)}")
-        if self.head_init != "zero" and not self.source_classes:
-            raise ConfigError(
-                f"finetune.source_classes: head_init={self.head_init} maps pretraining classes to fine-tuning "
-                "classes; give the pretraining dataset root or timm:<subset> (or head_init=zero)"
-            )
+    pretrained: Str
+    source_classes: Str | None = None
+    head_init: Literal[HEAD_MODES] = "select"  # type: ignore[valid-type]  # the tuple's values
 
 
 @dataclass(frozen=True)
@@ -60,23 +54,28 @@ class FinetuneConfig:
         return dataclasses.replace(self, train=self.train.replace(**changes))
 
 
+_SECTION = TypeAdapter(FinetuneSection)
+
+
 def from_mapping(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), *,
                  check_data: bool = True) -> FinetuneConfig:
     data = dict(data)
-    section = data.pop(SECTION, None)
-    if not isinstance(section, dict):
+    section_data = data.pop(SECTION, None)
+    if not isinstance(section_data, dict):
         raise ConfigError(f"{SECTION}: a mapping with at least 'pretrained' is required")
     mine = [o[len(SECTION) + 1:] for o in overrides if o.startswith(f"{SECTION}.")]
     theirs = [o for o in overrides if not o.startswith(f"{SECTION}.")]
-    section = apply_overrides(section, mine)
-    known = {f.name for f in dataclasses.fields(FinetuneSection)}
-    for k, v in section.items():
-        if k not in known:
-            raise ConfigError(f"unknown key '{SECTION}.{k}' (known keys of {SECTION}: {', '.join(sorted(known))})")
-        if v is not None and not isinstance(v, str):
-            raise ConfigError(f"{SECTION}.{k}: expected a string, got {v!r}")
-    ft = FinetuneSection(**section)
-    ft.validate()
+    section_data = apply_overrides(section_data, mine)
+    if not section_data.get("pretrained"):
+        raise ConfigError(f"{SECTION}.pretrained: the pretrained checkpoint or weights are required")
+    try:
+        ft = _SECTION.validate_python(section_data)
+    except ValidationError as e:
+        raise config_error(e, FinetuneSection, SECTION) from None
+    if ft.head_init != "zero" and not ft.source_classes:
+        raise ConfigError(
+            f"{SECTION}.source_classes: head_init={ft.head_init} maps pretraining classes to fine-tuning "
+            "classes; give the pretraining dataset root or timm:<subset> (or head_init=zero)")
     train = from_dict(apply_overrides(data, theirs))
     if check_data:
         check_shards(train)
