@@ -1,10 +1,11 @@
 """The pretraining recipe: frozen dataclasses loaded from a reviewed YAML file.
 
-One YAML file per paper row (configs/pretrain/), big_vision style. The sections are pydantic
-dataclasses: pydantic checks types, ranges and unknown keys, and ``ConfigError`` reports each problem
-under its dotted key (``optim.lr: ...``). ``load_config`` applies ``key.sub=value`` overrides (values
-parsed as YAML) and checks what can be checked before any compute: batch splits (once the world size
-is known, see ``make_plan``) and that the shards exist.
+One YAML file per paper row (configs/pretrain/), big_vision style; a row's file ``extends:`` the
+base of its family and states what differs. The sections are pydantic dataclasses: pydantic checks
+types, ranges and unknown keys, and ``ConfigError`` reports each problem under its dotted key
+(``optim.lr: ...``). ``load_config`` applies ``key.sub=value`` overrides (values parsed as YAML) and
+checks what can be checked before any compute: batch splits (once the world size is known, see
+``make_plan``) and that the shards exist.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -379,18 +381,54 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     return data
 
 
-def read_recipe(path: str | Path) -> dict[str, Any]:
-    """A recipe file's top-level mapping, or a ConfigError that names the file."""
-    path = Path(path)
+# ---------------------------------------------------------------------------------------------
+# Recipe files: a row's file names the base it extends and states only what differs.
+
+EXTENDS = "extends"
+
+
+def read_recipe(path: str | Path, *, file_relative: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A recipe file's top-level mapping, its ``extends:`` chain merged in; or a ConfigError naming the file.
+
+    ``extends: FILE`` (relative to the file that says it) names a base recipe: the file's own keys win,
+    mappings merge key by key, anything else (lists, scalars, null) replaces the base's value. The dotted
+    keys in ``file_relative`` hold paths that are likewise relative to the file that sets them.
+    """
+    return _read_chain(Path(path), file_relative, ())
+
+
+def _read_chain(path: Path, file_relative: tuple[str, ...], seen: tuple[Path, ...]) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path}" + (f" (extended by {seen[-1]})" if seen else ""))
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: '{EXTENDS}' loops back to a file that extends it")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    return data
+    for key in file_relative:  # made relative to the working directory, as every other path of a recipe
+        *sections, leaf = key.split(".")
+        node = data
+        for s in sections:
+            node = node.get(s) if isinstance(node, dict) else None
+        value = node.get(leaf) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and "://" not in value and not os.path.isabs(value):
+            node[leaf] = os.path.normpath(path.parent / value)
+    base = data.pop(EXTENDS, None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: {EXTENDS}: expected the path of a base recipe, got {base!r}")
+    return _merge(_read_chain(path.parent / base, file_relative, (*seen, path.resolve())), data)
+
+
+def _merge(base: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in own.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, check_data: bool = True) -> TrainConfig:

@@ -102,6 +102,27 @@ def test_unknown_key_in_file_is_named(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_a_row_extends_its_base(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "column.yaml").write_text(DEMO.read_text())
+    row = tmp_path / "row.yaml"
+    row.write_text("extends: base/column.yaml\nname: row\noptim:\n  lr: 0.01\naugment:\n  crop_scale: [0.3, 1.0]\n"
+                   "  mean: null\n")
+    with pytest.raises(ConfigError, match=r"augment\.mean"):  # null replaces the base's value
+        load_config(row, check_data=False)
+    row.write_text("extends: base/column.yaml\nname: row\noptim:\n  lr: 0.01\naugment:\n  crop_scale: [0.3, 1.0]\n")
+    cfg, base = load_config(row, check_data=False), load_config(DEMO, check_data=False)
+    assert (cfg.name, cfg.optim.lr, cfg.augment.crop_scale) == ("row", 0.01, (0.3, 1.0))
+    assert cfg.optim.min_lr == base.optim.min_lr and cfg.augment.std == base.augment.std  # merged, not replaced
+    assert cfg.replace(name=base.name, optim=base.optim, augment=base.augment) == base
+    (tmp_path / "base" / "column.yaml").write_text("extends: ../row.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(row, check_data=False)
+    row.write_text("extends: base/missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"config file not found: .*missing\.yaml \(extended by .*row\.yaml\)"):
+        load_config(row, check_data=False)
+
+
 def test_batch_split_for_world_sizes():
     cfg = load_config(DEMO, check_data=False)  # global 64, micro 32
     assert batch_split(cfg, 1) == (32, 2)
