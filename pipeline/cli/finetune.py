@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from pipeline.cli.pretrain import add_launch_arguments, ray_options
+from pipeline.cli.pretrain import add_launch_arguments, launch_kwargs
 
 
 def register(subparsers) -> None:
@@ -32,12 +32,10 @@ def main(args: argparse.Namespace) -> int:
     from pipeline.finetune import run
     from pipeline.train.config import ConfigError
 
-    kwargs: dict = {"force_resume": args.force_resume}
-    if args.launcher == "ray":
-        kwargs["ray"] = ray_options(args)
+    kwargs = {"launcher": args.launcher, "nproc": args.nproc} if args.dry_run else {
+        "force_resume": args.force_resume, **launch_kwargs(args)}
     try:
-        result = run(args.config, args.overrides, launcher=args.launcher, nproc=args.nproc, resume=args.resume,
-                     dry_run=args.dry_run, **({} if args.dry_run else kwargs))
+        result = run(args.config, args.overrides, resume=args.resume, dry_run=args.dry_run, **kwargs)
     except ConfigError as e:
         print(f"coatnet finetune: invalid config: {e}", file=sys.stderr)
         return 2

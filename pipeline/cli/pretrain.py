@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from typing import Any
 
-LAUNCHERS = ("local", "torchrun", "deepspeed", "ray")
+from pipeline.train import launch_options
 
 
 def register(subparsers) -> None:
@@ -26,47 +28,31 @@ def register(subparsers) -> None:
 
 
 def add_launch_arguments(p: argparse.ArgumentParser, *, resume_help: str) -> None:
-    """Resume, launcher and Ray Train flags: shared by every command that trains (pretrain, finetune)."""
+    """Resume and dry-run flags, then the launch options' (pipeline.train.launch_options): shared by every
+    command that trains (pretrain, finetune)."""
     p.add_argument("--resume", default="auto", metavar="auto|none|PATH", help=resume_help)
     p.add_argument("--force-resume", action="store_true",
                    help="resume even if the checkpoint was written by a different recipe (config hash)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config and print the resolved plan without training")
-    p.add_argument("--launcher", choices=LAUNCHERS, default="local",
-                   help="local processes, torchrun, the deepspeed launcher, or Ray Train (default: local)")
-    p.add_argument("--nproc", type=int, default=1, metavar="N", help="ranks on this machine (default: 1)")
-    ray = p.add_argument_group("Ray Train (--launcher ray)")
-    ray.add_argument("--ray-address", default=None, metavar="ADDR",
-                     help="cluster to join (default: RAY_ADDRESS, else a local Ray is started)")
-    ray.add_argument("--num-workers", type=int, default=None, metavar="N", help="Ray Train workers (default: --nproc)")
-    ray.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="GPUs per worker (default: 0)")
-    ray.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C", help="CPUs per worker (default: 1)")
-    ray.add_argument("--max-failures", type=int, default=2, metavar="N",
-                     help="restarts from the last checkpoint after a lost worker (default: 2)")
+    launch_options.add_arguments(p)
 
 
-def ray_options(args: argparse.Namespace):
-    """The Ray Train options of ``add_launch_arguments``' flags."""
-    import os
-
-    from pipeline.train.launcher import RayOptions
-
-    return RayOptions(address=args.ray_address or os.environ.get("RAY_ADDRESS"), num_workers=args.num_workers,
-                      gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                      max_failures=args.max_failures)
+def launch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``launcher``, ``nproc`` and ``ray`` for ``pipeline.train.launch`` from the launch flags."""
+    return launch_options.from_arguments(args).launch_kwargs(args.ray_address or os.environ.get("RAY_ADDRESS"))
 
 
 def main(args: argparse.Namespace) -> int:
     from pipeline.train.config import ConfigError
 
-    world = args.num_workers if args.launcher == "ray" and args.num_workers else args.nproc
     try:
         if args.dry_run:
-            return _dry_run(args, world)
+            return _dry_run(args, launch_options.from_arguments(args).world_size)
         from pipeline.train.launcher import launch
 
-        result = launch(args.config, args.overrides, launcher=args.launcher, nproc=args.nproc, resume=args.resume,
-                        force_resume=args.force_resume, ray=ray_options(args))
+        result = launch(args.config, args.overrides, resume=args.resume, force_resume=args.force_resume,
+                        **launch_kwargs(args))
     except ConfigError as e:
         print(f"coatnet pretrain: invalid config: {e}", file=sys.stderr)
         return 2
