@@ -34,7 +34,8 @@ def add_launch_arguments(p: argparse.ArgumentParser, *, resume_help: str) -> Non
     p.add_argument("--force-resume", action="store_true",
                    help="resume even if the checkpoint was written by a different recipe (config hash)")
     p.add_argument("--dry-run", action="store_true",
-                   help="validate the config and print the resolved plan without training")
+                   help="validate the config and print the resolved plan without training; what cannot be "
+                        "checked from here (shards, credentials) is a warning")
     launch_options.add_arguments(p)
 
 
@@ -48,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         if args.dry_run:
-            return _dry_run(args, launch_options.from_arguments(args).world_size)
+            return _dry_run(args)
         from pipeline.train.launcher import launch
 
         result = launch(args.config, args.overrides, resume=args.resume, force_resume=args.force_resume,
@@ -80,30 +81,53 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dry_run(args: argparse.Namespace, world: int) -> int:
-    from pipeline.train.engine import ds_config
-    from pipeline.train.launcher import plan
+def _dry_run(args: argparse.Namespace) -> int:
+    from pipeline.train.dry_run import dry_run
 
-    cfg, p = plan(args.config, args.overrides, nproc=world)
-    info = {"config": args.config, "config_hash": cfg.config_hash, "launcher": args.launcher, **p.to_dict(),
+    dry = dry_run(args.config, args.overrides, world_size=launch_options.from_arguments(args).world_size)
+    print_dry_run(dry, config_path=args.config, launcher=args.launcher, as_json=args.json)
+    return 0
+
+
+def print_dry_run(dry, *, config_path: str, launcher: str, as_json: bool, extra: dict | None = None) -> None:
+    """The plan on stdout (text, or JSON with ``--json``); each warning on stderr as ``WARNING: ...``."""
+    from pipeline.train.engine import ds_config
+
+    cfg, p = dry.config, dry.plan
+    info = {"config": config_path, "config_hash": cfg.config_hash, "launcher": launcher, **p.to_dict(),
             "train_gflops_per_image": None if p.train_flops_per_image is None else p.train_flops_per_image / 1e9,
-            "deepspeed": ds_config(cfg, p)}
-    if args.json:
-        print(json.dumps({"plan": info, "resolved": cfg.to_dict()}, indent=2))
-        return 0
-    print(f"recipe     {cfg.name} ({args.config}), config hash {cfg.config_hash}")
-    print(f"model      {cfg.model.name} @ {cfg.model.img_size}px, {p.num_classes} classes, "
+            "memory_gib_per_rank": dry.memory_gib_per_rank, "samples_from": dry.samples_from,
+            "classes_from": dry.classes_from, "deepspeed": ds_config(cfg, p)}
+    if as_json:
+        print(json.dumps({**(extra or {}), "plan": info, "warnings": list(dry.warnings), "resolved": cfg.to_dict()},
+                         indent=2, default=str))
+    else:
+        _print_plan(dry, info, config_path, launcher)
+    sys.stdout.flush()
+    for w in dry.warnings:
+        print(f"WARNING: {w}", file=sys.stderr)
+
+
+def _print_plan(dry, info: dict, config_path: str, launcher: str) -> None:
+    cfg, p = dry.config, dry.plan
+    memory = ("? (no estimate, see the warnings)" if dry.memory_gib_per_rank is None else
+              f"~{dry.memory_gib_per_rank:.0f} GiB per rank (estimate of pipeline.cluster.sizing: ZeRO-"
+              f"{cfg.deepspeed.zero_stage} states, bf16, micro-batch {p.micro_batch_size} of activations"
+              f"{', checkpointed' if cfg.model.grad_checkpointing else ''})")
+    print(f"recipe     {cfg.name} ({config_path}), config hash {cfg.config_hash}")
+    print(f"model      {cfg.model.name} @ {cfg.model.img_size}px, {p.num_classes} classes (from {dry.classes_from}), "
           f"{_fmt(p.params)} params, {_fmt(p.macs_per_image)} MACs/image "
           f"({_fmt(p.train_flops_per_image)} training FLOPs/image)")
-    print(f"world      {p.world_size} ranks via {args.launcher}, ZeRO-{cfg.deepspeed.zero_stage}")
+    print(f"world      {p.world_size} ranks via {launcher}, ZeRO-{cfg.deepspeed.zero_stage}")
     print(f"batch      global {p.global_batch_size} = micro {p.micro_batch_size} x accumulation "
           f"{p.grad_accum_steps} x {p.world_size} ranks")
     print(f"steps      {p.total_steps} ({p.steps_per_epoch}/epoch over {p.train_samples} samples), "
           f"warm-up {p.warmup_steps}, {cfg.schedule.type} to {cfg.optim.min_lr:g} from {cfg.optim.lr:g}")
+    print(f"samples    from {dry.samples_from}")
+    print(f"memory     {memory}")
     print(f"data       {cfg.data.root} ({cfg.data.train_split} / {cfg.data.eval_split})")
     print(f"output     {cfg.output_dir}")
     print("deepspeed  " + json.dumps(info["deepspeed"]))
-    return 0
 
 
 def _fmt(n: float | None) -> str:
