@@ -39,8 +39,8 @@ def _no_bool(value: Any) -> Any:
     return value
 
 
-# Strict where YAML would otherwise be coerced silently (true -> 1, 1.5 -> "1.5"); floats stay lax so that
-# YAML 1.1's "1e-3" (read as a string) and integers are accepted, but not booleans.
+# Strict where pydantic would otherwise coerce silently (true -> 1 for an integer, 1 or "yes" -> true for a
+# boolean); floats stay lax so that integers and YAML 1.1's "1e-3" (read as a string) are accepted, booleans not.
 Int = Annotated[int, Strict()]
 Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
