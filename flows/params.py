@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from pipeline import storage
+from pipeline.train.launch_options import Launcher, LaunchOptions
 
 
 class ParameterError(ValueError):
@@ -36,19 +37,19 @@ class DataSpec(BaseModel):
     verify_cached: bool = True
 
 
-class TrainingTarget(BaseModel):
-    """Where the training stages run. ``local``: DeepSpeed (or another launcher) processes on the host of
-    the flow run. ``ray-job``: submitted to a Ray cluster through Ray Jobs, logs followed to the end."""
+class TrainingTarget(LaunchOptions):
+    """Where the training stages run: the launch options of `coatnet pretrain|finetune` (launcher, nproc, the
+    Ray Train workers; ``pipeline.train.launch_options``) plus where the flow starts them. ``local``: the
+    launcher's processes on the host of the flow run. ``ray-job``: the `coatnet` CLI with these options,
+    submitted to a Ray cluster through Ray Jobs, logs followed to the end."""
 
-    model_config = ConfigDict(extra="forbid")
     mode: Literal["local", "ray-job"] = "local"
-    launcher: Literal["local", "torchrun", "deepspeed", "ray"] = "deepspeed"
+    launcher: Launcher = "deepspeed"  # the flows' default; the CLI's is "local"
     nproc: PositiveInt = 2
-    ray_address: str | None = None  # Ray dashboard/jobs address, e.g. http://head:8265
+    ray_address: str | None = None  # Ray dashboard/jobs address, e.g. http://head:8265 (mode ray-job)
     python: str = "python"  # interpreter on the cluster that runs the `coatnet` CLI
     working_dir: str | None = "."  # uploaded as the job's working_dir (config files travel with it)
     env_vars: dict[str, str] = Field(default_factory=dict)
-    gpus_per_worker: float = 0.0  # Ray Train workers' GPUs (launcher ray)
     entrypoint_num_cpus: float | None = None
     entrypoint_num_gpus: float | None = None
     timeout_s: float | None = None

@@ -40,13 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def output_dir_of(cli: Sequence[str]) -> str:
     """The run directory the command wrote: its recipe's ``output_dir`` after the command's overrides."""
-    import yaml
-
-    from pipeline.train.config import apply_overrides
+    from pipeline.train.config import apply_overrides, read_recipe
 
     config = cli[list(cli).index("--config") + 1]
     overrides = [a for a in cli[1:] if "=" in a and not a.startswith("-")]
-    data = apply_overrides(yaml.safe_load(Path(config).read_text()) or {}, overrides)
+    data = apply_overrides(read_recipe(config), overrides)  # with the rows' `extends:` resolved
     return str(data["output_dir"])
 
 

@@ -162,13 +162,11 @@ def _launch_local(plan: StagePlan, target: TrainingTarget) -> dict[str, Any]:
     if plan.stage == "finetune":
         from pipeline.finetune import run as finetune_run
 
-        ft = finetune_run(plan.config_path, list(plan.overrides), launcher=target.launcher, nproc=target.nproc,
-                          resume="auto")
+        ft = finetune_run(plan.config_path, list(plan.overrides), resume="auto", **target.launch_kwargs())
         return {**as_dict(ft.train), "init_weights": str(ft.init.path), "head_init": _jsonable(ft.init.head)}
     from pipeline.train import launch
 
-    return as_dict(launch(plan.config_path, list(plan.overrides), launcher=target.launcher, nproc=target.nproc,
-                          resume="auto"))
+    return as_dict(launch(plan.config_path, list(plan.overrides), resume="auto", **target.launch_kwargs()))
 
 
 # Endpoints the job needs to reach the same object store and tracking server. Credentials are deliberately
@@ -179,10 +177,8 @@ JOB_ENV = ("S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "
 def cli_command(plan: StagePlan, target: TrainingTarget, outputs_uri: str) -> list[str]:
     """The command the cluster job runs: the `coatnet` CLI a user would type for this stage, wrapped so what
     it leaves in its run directory on the cluster is copied to the object store for the flow."""
-    cli = [plan.stage, "--config", plan.config_path, "--resume", "auto", "--launcher", target.launcher,
-           "--nproc", str(target.nproc), *plan.overrides, "logging.progress_bar=false"]
-    if target.launcher == "ray" and target.gpus_per_worker:
-        cli[1:1] = ["--gpus-per-worker", str(target.gpus_per_worker)]
+    cli = [plan.stage, "--config", plan.config_path, "--resume", "auto", *target.to_argv(), *plan.overrides,
+           "logging.progress_bar=false"]
     return [target.python, "-m", "flows.ray_entry", "--outputs-uri", outputs_uri, "--", *cli]
 
 

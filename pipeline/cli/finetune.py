@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from pipeline.cli.pretrain import add_launch_arguments, ray_options
+from pipeline.cli.pretrain import add_launch_arguments, launch_kwargs, print_dry_run
+from pipeline.train import launch_options
 
 
 def register(subparsers) -> None:
@@ -32,12 +33,11 @@ def main(args: argparse.Namespace) -> int:
     from pipeline.finetune import run
     from pipeline.train.config import ConfigError
 
-    kwargs: dict = {"force_resume": args.force_resume}
-    if args.launcher == "ray":
-        kwargs["ray"] = ray_options(args)
     try:
-        result = run(args.config, args.overrides, launcher=args.launcher, nproc=args.nproc, resume=args.resume,
-                     dry_run=args.dry_run, **({} if args.dry_run else kwargs))
+        if args.dry_run:
+            return _dry_run(args)
+        result = run(args.config, args.overrides, resume=args.resume, force_resume=args.force_resume,
+                     **launch_kwargs(args))
     except ConfigError as e:
         print(f"coatnet finetune: invalid config: {e}", file=sys.stderr)
         return 2
@@ -46,16 +46,7 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps({"output_dir": result.output_dir, "init": {**asdict(init), "path": str(init.path)},
                           "train": asdict(result.train) if result.train else None}, indent=2, default=str))
         return 0
-    head = init.head if isinstance(init.head, dict) else asdict(init.head)
-    print(f"initial weights: {init.path} ({'reused' if init.reused else 'prepared'}; from {init.pretrained})")
-    print(f"head: {head['mode']}, {head['num_classes']} classes from {head['source_classes']}"
-          + (f", {len(head['unmatched'])} without a pretraining class" if head.get("unmatched") else ""))
-    if result.train is None:
-        from pipeline.train.launcher import plan
-
-        _, resolved = plan(result.train_config, nproc=args.nproc)
-        print(json.dumps(resolved.to_dict(), indent=2))
-        return 0
+    _print_init(init)
     t = result.train
     m = t.final_metrics
     print(f"{'finished' if t.finished else 'stopped'} at step {t.step}/{t.total_steps}: "
@@ -66,3 +57,27 @@ def main(args: argparse.Namespace) -> int:
             print(f"{label}: {path}")
     print(f"next: coatnet evaluate --model {result.output_dir} --data {result.train_config.data.root}")
     return 0
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from pipeline.finetune.dry_run import finetune_dry_run
+
+    dry = finetune_dry_run(args.config, args.overrides, world_size=launch_options.from_arguments(args).world_size)
+    init = dry.init and {**asdict(dry.init), "path": str(dry.init.path)}
+    if not args.json and dry.init:
+        _print_init(dry.init)
+    print_dry_run(dry.train, config_path=args.config, launcher=args.launcher, as_json=args.json,
+                  extra={"output_dir": dry.config.train.output_dir, "init": init, "train": None,
+                         "finetune": asdict(dry.config.finetune)})
+    return 0
+
+
+def _print_init(init) -> None:
+    from dataclasses import asdict
+
+    head = init.head if isinstance(init.head, dict) else asdict(init.head)
+    print(f"initial weights: {init.path} ({'reused' if init.reused else 'prepared'}; from {init.pretrained})")
+    print(f"head: {head['mode']}, {head['num_classes']} classes from {head['source_classes']}"
+          + (f", {len(head['unmatched'])} without a pretraining class" if head.get("unmatched") else ""))

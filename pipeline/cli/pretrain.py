@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from typing import Any
 
-LAUNCHERS = ("local", "torchrun", "deepspeed", "ray")
+from pipeline.train import launch_options
 
 
 def register(subparsers) -> None:
@@ -26,47 +28,32 @@ def register(subparsers) -> None:
 
 
 def add_launch_arguments(p: argparse.ArgumentParser, *, resume_help: str) -> None:
-    """Resume, launcher and Ray Train flags: shared by every command that trains (pretrain, finetune)."""
+    """Resume and dry-run flags, then the launch options' (pipeline.train.launch_options): shared by every
+    command that trains (pretrain, finetune)."""
     p.add_argument("--resume", default="auto", metavar="auto|none|PATH", help=resume_help)
     p.add_argument("--force-resume", action="store_true",
                    help="resume even if the checkpoint was written by a different recipe (config hash)")
     p.add_argument("--dry-run", action="store_true",
-                   help="validate the config and print the resolved plan without training")
-    p.add_argument("--launcher", choices=LAUNCHERS, default="local",
-                   help="local processes, torchrun, the deepspeed launcher, or Ray Train (default: local)")
-    p.add_argument("--nproc", type=int, default=1, metavar="N", help="ranks on this machine (default: 1)")
-    ray = p.add_argument_group("Ray Train (--launcher ray)")
-    ray.add_argument("--ray-address", default=None, metavar="ADDR",
-                     help="cluster to join (default: RAY_ADDRESS, else a local Ray is started)")
-    ray.add_argument("--num-workers", type=int, default=None, metavar="N", help="Ray Train workers (default: --nproc)")
-    ray.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="GPUs per worker (default: 0)")
-    ray.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C", help="CPUs per worker (default: 1)")
-    ray.add_argument("--max-failures", type=int, default=2, metavar="N",
-                     help="restarts from the last checkpoint after a lost worker (default: 2)")
+                   help="validate the config and print the resolved plan without training; what cannot be "
+                        "checked from here (shards, credentials) is a warning")
+    launch_options.add_arguments(p)
 
 
-def ray_options(args: argparse.Namespace):
-    """The Ray Train options of ``add_launch_arguments``' flags."""
-    import os
-
-    from pipeline.train.launcher import RayOptions
-
-    return RayOptions(address=args.ray_address or os.environ.get("RAY_ADDRESS"), num_workers=args.num_workers,
-                      gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                      max_failures=args.max_failures)
+def launch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``launcher``, ``nproc`` and ``ray`` for ``pipeline.train.launch`` from the launch flags."""
+    return launch_options.from_arguments(args).launch_kwargs(args.ray_address or os.environ.get("RAY_ADDRESS"))
 
 
 def main(args: argparse.Namespace) -> int:
     from pipeline.train.config import ConfigError
 
-    world = args.num_workers if args.launcher == "ray" and args.num_workers else args.nproc
     try:
         if args.dry_run:
-            return _dry_run(args, world)
+            return _dry_run(args)
         from pipeline.train.launcher import launch
 
-        result = launch(args.config, args.overrides, launcher=args.launcher, nproc=args.nproc, resume=args.resume,
-                        force_resume=args.force_resume, ray=ray_options(args))
+        result = launch(args.config, args.overrides, resume=args.resume, force_resume=args.force_resume,
+                        **launch_kwargs(args))
     except ConfigError as e:
         print(f"coatnet pretrain: invalid config: {e}", file=sys.stderr)
         return 2
@@ -94,30 +81,53 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dry_run(args: argparse.Namespace, world: int) -> int:
-    from pipeline.train.engine import ds_config
-    from pipeline.train.launcher import plan
+def _dry_run(args: argparse.Namespace) -> int:
+    from pipeline.train.dry_run import dry_run
 
-    cfg, p = plan(args.config, args.overrides, nproc=world)
-    info = {"config": args.config, "config_hash": cfg.config_hash, "launcher": args.launcher, **p.to_dict(),
+    dry = dry_run(args.config, args.overrides, world_size=launch_options.from_arguments(args).world_size)
+    print_dry_run(dry, config_path=args.config, launcher=args.launcher, as_json=args.json)
+    return 0
+
+
+def print_dry_run(dry, *, config_path: str, launcher: str, as_json: bool, extra: dict | None = None) -> None:
+    """The plan on stdout (text, or JSON with ``--json``); each warning on stderr as ``WARNING: ...``."""
+    from pipeline.train.engine import ds_config
+
+    cfg, p = dry.config, dry.plan
+    info = {"config": config_path, "config_hash": cfg.config_hash, "launcher": launcher, **p.to_dict(),
             "train_gflops_per_image": None if p.train_flops_per_image is None else p.train_flops_per_image / 1e9,
-            "deepspeed": ds_config(cfg, p)}
-    if args.json:
-        print(json.dumps({"plan": info, "resolved": cfg.to_dict()}, indent=2))
-        return 0
-    print(f"recipe     {cfg.name} ({args.config}), config hash {cfg.config_hash}")
-    print(f"model      {cfg.model.name} @ {cfg.model.img_size}px, {p.num_classes} classes, "
+            "memory_gib_per_rank": dry.memory_gib_per_rank, "samples_from": dry.samples_from,
+            "classes_from": dry.classes_from, "deepspeed": ds_config(cfg, p)}
+    if as_json:
+        print(json.dumps({**(extra or {}), "plan": info, "warnings": list(dry.warnings), "resolved": cfg.to_dict()},
+                         indent=2, default=str))
+    else:
+        _print_plan(dry, info, config_path, launcher)
+    sys.stdout.flush()
+    for w in dry.warnings:
+        print(f"WARNING: {w}", file=sys.stderr)
+
+
+def _print_plan(dry, info: dict, config_path: str, launcher: str) -> None:
+    cfg, p = dry.config, dry.plan
+    memory = ("? (no estimate, see the warnings)" if dry.memory_gib_per_rank is None else
+              f"~{dry.memory_gib_per_rank:.0f} GiB per rank (estimate of pipeline.cluster.sizing: ZeRO-"
+              f"{cfg.deepspeed.zero_stage} states, bf16, micro-batch {p.micro_batch_size} of activations"
+              f"{', checkpointed' if cfg.model.grad_checkpointing else ''})")
+    print(f"recipe     {cfg.name} ({config_path}), config hash {cfg.config_hash}")
+    print(f"model      {cfg.model.name} @ {cfg.model.img_size}px, {p.num_classes} classes (from {dry.classes_from}), "
           f"{_fmt(p.params)} params, {_fmt(p.macs_per_image)} MACs/image "
           f"({_fmt(p.train_flops_per_image)} training FLOPs/image)")
-    print(f"world      {p.world_size} ranks via {args.launcher}, ZeRO-{cfg.deepspeed.zero_stage}")
+    print(f"world      {p.world_size} ranks via {launcher}, ZeRO-{cfg.deepspeed.zero_stage}")
     print(f"batch      global {p.global_batch_size} = micro {p.micro_batch_size} x accumulation "
           f"{p.grad_accum_steps} x {p.world_size} ranks")
     print(f"steps      {p.total_steps} ({p.steps_per_epoch}/epoch over {p.train_samples} samples), "
           f"warm-up {p.warmup_steps}, {cfg.schedule.type} to {cfg.optim.min_lr:g} from {cfg.optim.lr:g}")
+    print(f"samples    from {dry.samples_from}")
+    print(f"memory     {memory}")
     print(f"data       {cfg.data.root} ({cfg.data.train_split} / {cfg.data.eval_split})")
     print(f"output     {cfg.output_dir}")
     print("deepspeed  " + json.dumps(info["deepspeed"]))
-    return 0
 
 
 def _fmt(n: float | None) -> str:

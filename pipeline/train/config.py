@@ -1,9 +1,11 @@
 """The pretraining recipe: frozen dataclasses loaded from a reviewed YAML file.
 
-One YAML file per paper row (configs/pretrain/), big_vision style. ``load_config`` rejects
-unknown keys and wrong types naming the dotted key, applies ``key.sub=value`` overrides
-(values parsed as YAML), and checks what can be checked before any compute: batch splits
-(once the world size is known, see ``plan``) and that the shards exist.
+One YAML file per paper row (configs/pretrain/), big_vision style; a row's file ``extends:`` the
+base of its family and states what differs. The sections are pydantic dataclasses: pydantic checks
+types, ranges and unknown keys, and ``ConfigError`` reports each problem under its dotted key
+(``optim.lr: ...``). ``load_config`` applies ``key.sub=value`` overrides (values parsed as YAML) and
+checks what can be checked before any compute: batch splits (once the world size is known, see
+``make_plan``) and that the shards exist.
 """
 
 from __future__ import annotations
@@ -13,174 +15,210 @@ import functools
 import hashlib
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+from pipeline.train.known_datasets import KNOWN_DATASETS
 
 
 class ConfigError(ValueError):
     """The config is invalid; the message names the offending key."""
 
 
-@dataclass(frozen=True)
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+# Strict where pydantic would otherwise coerce silently (true -> 1 for an integer, 1 or "yes" -> true for a
+# boolean); floats stay lax so that integers and YAML 1.1's "1e-3" (read as a string) are accepted, booleans not.
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
+Float = Annotated[float, BeforeValidator(_no_bool)]
+Positive = Field(gt=0)
+NonNegative = Field(ge=0)
+Probability = Field(ge=0, le=1)
+# Frozen, unknown keys rejected; still plain dataclasses (dataclasses.replace/asdict, positional arguments).
+section = functools.partial(pydantic_dataclass, frozen=True, config=ConfigDict(extra="forbid"))
+
+
+@section
 class ModelConfig:
-    name: str = "coatnet_0"
+    name: Str = "coatnet_0"
     # None: the number of classes in the dataset manifest.
-    num_classes: int | None = None
-    img_size: int = 224
-    drop_path_rate: float | None = None
-    grad_checkpointing: bool = False
+    num_classes: Annotated[Int, Positive] | None = None
+    img_size: Annotated[Int, Field(ge=16)] = 224
+    drop_path_rate: Annotated[Float, Field(ge=0, lt=1)] | None = None
+    grad_checkpointing: Bool = False
     # A safetensors state dict (path or s3:// URI) loaded strictly before deepspeed.initialize.
-    init_weights: str | None = None
+    init_weights: Str | None = None
     # Extra keyword arguments for coatnet.create_model (architecture tweaks).
     overrides: dict = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@section
 class DataConfig:
     # Dataset root written by pipeline.data (manifest.json + one MDS dataset per split).
-    root: str = ""
-    train_split: str = "train"
+    root: Str = ""
+    train_split: Str = "train"
     eval_split: Literal["minival", "val"] = "minival"
     # Local shard cache; None: {output_dir}/cache. One sub-directory per split and run.
-    cache_dir: str | None = None
-    cache_limit: str | None = None
-    num_workers: int = 4
-    prefetch_factor: int = 2
+    cache_dir: Str | None = None
+    cache_limit: Str | None = None
+    num_workers: Annotated[Int, NonNegative] = 4
+    prefetch_factor: Int = 2
     # Pinned so the global sample order does not depend on how many nodes/GPUs run the job.
-    num_canonical_nodes: int = 1
-    shuffle_algo: str = "py1e"
+    num_canonical_nodes: Annotated[Int, Field(ge=1)] = 1
+    shuffle_algo: Str = "py1e"
     # None: the run's seed.
-    shuffle_seed: int | None = None
-    predownload: int | None = None
+    shuffle_seed: Int | None = None
+    predownload: Int | None = None
     # streaming's clean_stale_shared_memory() before starting: unlinks every streaming job's shared
     # memory on the node. Off by default: the trainer releases what a crashed run of its own left
     # (data.release_stale_shared_memory), which is all a restart needs and spares other jobs.
-    clean_stale_shared_memory: bool = False
+    clean_stale_shared_memory: Bool = False
+    # Train samples for sizing a run whose shards cannot be read yet (dry run): a count, or a known dataset
+    # (pipeline.train.known_datasets: imagenet1k, imagenet21k-fall11, imagenet21k-winter21). The shards'
+    # own count wins whenever they can be read.
+    num_samples: Annotated[Int, Positive] | Str | None = None
 
 
-@dataclass(frozen=True)
+
+@section
 class RandAugmentConfig:
-    num_ops: int = 2
-    magnitude: int = 9
+    num_ops: Int = 2
+    magnitude: Int = 9
 
 
-@dataclass(frozen=True)
+@section
 class AugmentConfig:
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
-    hflip: float = 0.5
+    crop_scale: tuple[Float, Float] = (0.08, 1.0)
+    crop_ratio: tuple[Float, Float] = (0.75, 4.0 / 3.0)
+    hflip: Annotated[Float, Probability] = 0.5
     randaugment: RandAugmentConfig | None = None
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
+    mixup_alpha: Annotated[Float, NonNegative] = 0.0
+    cutmix_alpha: Annotated[Float, NonNegative] = 0.0
     interpolation: Literal["bilinear", "bicubic"] = "bicubic"
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[Float, Float, Float] = (0.485, 0.456, 0.406)
+    std: tuple[Float, Float, Float] = (0.229, 0.224, 0.225)
 
 
-@dataclass(frozen=True)
+
+@section
 class EvalConfig:
     # 0: evaluate only at the end of training.
-    interval_steps: int = 0
+    interval_steps: Int = 0
     # Resize to img_size / crop_pct, then center-crop img_size (the paper's "center crop: yes");
     # center_crop false resizes straight to img_size (fine-tuning rows).
-    center_crop: bool = True
-    crop_pct: float = 0.875
-    batch_size: int = 64
+    center_crop: Bool = True
+    crop_pct: Annotated[Float, Field(gt=0, le=1)] = 0.875
+    batch_size: Annotated[Int, Positive] = 64
     # Cap on evaluated samples per evaluation (None: the whole split).
-    max_samples: int | None = None
+    max_samples: Int | None = None
 
 
-@dataclass(frozen=True)
+@section
 class LossConfig:
     type: Literal["softmax", "sigmoid"] = "softmax"
-    label_smoothing: float = 0.0
+    label_smoothing: Annotated[Float, Field(ge=0, lt=1)] = 0.0
 
 
-@dataclass(frozen=True)
+@section
 class OptimConfig:
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    grad_clip: float = 1.0
+    lr: Annotated[Float, Positive] = 1e-3
+    min_lr: Float = 1e-5
+    weight_decay: Annotated[Float, NonNegative] = 0.05
+    betas: tuple[Float, Float] = (0.9, 0.999)
+    eps: Float = 1e-8
+    # 0 disables clipping.
+    grad_clip: Annotated[Float, NonNegative] = 1.0
 
 
-@dataclass(frozen=True)
+
+@section
 class ScheduleConfig:
     type: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 0
+    warmup_steps: Annotated[Int, NonNegative] = 0
     # Alternative to warmup_steps (the paper's 21K rows warm up for 5 epochs); not both.
-    warmup_epochs: float = 0.0
+    warmup_epochs: Annotated[Float, NonNegative] = 0.0
 
 
-@dataclass(frozen=True)
+
+@section
 class TrainRunConfig:
-    epochs: float = 1.0
+    epochs: Float = 1.0
     # Overrides epochs when set.
-    max_steps: int | None = None
-    global_batch_size: int = 4096
+    max_steps: Annotated[Int, Positive] | None = None
+    global_batch_size: Annotated[Int, Positive] = 4096
     # Per rank; None: global_batch_size / world_size (no accumulation).
-    micro_batch_size: int | None = None
+    micro_batch_size: Annotated[Int, Positive] | None = None
     # Stop after this many optimizer steps of this invocation (testing interruption); None: run to the end.
-    stop_after_steps: int | None = None
+    stop_after_steps: Int | None = None
     # Non-finite losses skipped (the micro-batch is dropped) before the run stops.
-    max_nonfinite_skips: int = 0
+    max_nonfinite_skips: Annotated[Int, NonNegative] = 0
     # Write the sample keys each rank consumed per step to {output_dir}/samples/ (tests, audits).
-    record_samples: bool = False
+    record_samples: Bool = False
 
 
-@dataclass(frozen=True)
+
+@section
 class DeepSpeedConfig:
     zero_stage: Literal[0, 1, 2, 3] = 2
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    offload_optimizer: Bool = False
+    offload_params: Bool = False
     # auto: bf16 on GPU, fp32 on CPU.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     # Raw DeepSpeed keys merged last (escape hatch, e.g. {"zero_optimization": {"reduce_bucket_size": ...}}).
     extra: dict = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+
+@section
 class EmaConfig:
     # None: no EMA. The paper uses 0.9999 in fine-tuning only.
-    decay: float | None = None
-    every_steps: int = 1
+    decay: Annotated[Float, Field(gt=0, lt=1)] | None = None
+    every_steps: Annotated[Int, Field(ge=1)] = 1
     # Where the fp32 EMA copy lives: with the model (accelerator) or in host memory.
     device: Literal["model", "cpu"] = "model"
 
 
-@dataclass(frozen=True)
+@section
 class CheckpointConfig:
-    interval_steps: int = 1000
-    keep_last: int = 3
+    # 0: only at the end.
+    interval_steps: Annotated[Int, NonNegative] = 1000
+    keep_last: Annotated[Int, Field(ge=1)] = 3
     # Optional object-storage copy (s3://... or a directory); downloaded on resume when the local one is missing.
-    upload_uri: str | None = None
+    upload_uri: Str | None = None
     # Write model.safetensors / model_ema.safetensors / model_config.json at the end.
-    export: bool = True
+    export: Bool = True
 
 
-@dataclass(frozen=True)
+@section
 class LoggingConfig:
-    interval_steps: int = 10
-    mlflow: bool = True
-    mlflow_tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
-    mlflow_experiment: str = "coatnet-pretrain"
+    interval_steps: Annotated[Int, Field(ge=1)] = 10
+    mlflow: Bool = True
+    mlflow_tracking_uri: Str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    mlflow_experiment: Str = "coatnet-pretrain"
     # Peak dense TFLOP/s of one device for the utilisation figure; None: known GPU table or none on CPU.
-    peak_tflops: float | None = None
-    progress_bar: bool = True
+    peak_tflops: Float | None = None
+    progress_bar: Bool = True
 
 
-@dataclass(frozen=True)
+@section
 class TrainConfig:
-    name: str = "coatnet"
-    output_dir: str = "runs/coatnet"
-    seed: int = 0
+    name: Str = "coatnet"
+    output_dir: Str = "runs/coatnet"
+    seed: Int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -214,14 +252,18 @@ class TrainConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def replace(self, **changes: Any) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
+        try:
+            return dataclasses.replace(self, **changes)
+        except ValidationError as e:
+            raise config_error(e, TrainConfig) from None
 
 
 # Keys that may change between a run and its resumption without changing the weights it reaches.
 _HASH_EXCLUDED = (
     "name", "output_dir", "logging", "checkpoint",
     "data.root", "data.cache_dir", "data.cache_limit", "data.num_workers", "data.prefetch_factor",
-    "data.predownload", "data.clean_stale_shared_memory", "eval", "train.stop_after_steps", "train.record_samples", "ema.device",
+    "data.predownload", "data.clean_stale_shared_memory", "data.num_samples", "eval",
+    "train.stop_after_steps", "train.record_samples", "ema.device",
 )
 
 
@@ -234,84 +276,87 @@ def _to_plain(x: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# Building dataclasses from plain dicts with key and type checks.
+# pydantic's errors as one ConfigError naming each dotted key.
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{key}: must not be null")
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(a, value, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return _build(tp, value, key)
-    if origin is tuple:
-        if not isinstance(value, list | tuple) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads "1e-3" as a string.
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported type {tp}")  # a schema bug, not a user error
+def _section_class(root: type, path: list[str]) -> type | None:
+    """The dataclass at a dotted path below ``root`` (``["augment", "randaugment"]``), if it is one."""
+    cls: Any = root
+    for name in path:
+        hint = typing.get_type_hints(cls).get(name) if dataclasses.is_dataclass(cls) else None
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            hint = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), None)
+        cls = hint
+    return cls if dataclasses.is_dataclass(cls) else None
 
 
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for k in data:
-        if k not in hints:
-            where = f"{prefix}.{k}" if prefix else k
-            raise ConfigError(f"unknown key '{where}' (known keys{' of ' + prefix if prefix else ''}: {', '.join(names)})")
-    kwargs = {k: _coerce(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
-    return cls(**kwargs)
+def _is_union_member(part: str) -> bool:
+    # pydantic names the member of a union that failed ("int", "str", "literal['a']", a class name) in the
+    # location; config keys are lower-case identifiers.
+    return part in ("int", "str", "float", "bool", "none") or not part.isidentifier() or part[0].isupper()
+
+
+def config_error(error: ValidationError, root: type, prefix: str = "") -> ConfigError:
+    """pydantic's ``ValidationError`` for ``root`` as a ConfigError with one ``key: problem`` per key."""
+    problems: dict[str, list[str]] = {}
+    inputs: dict[str, Any] = {}
+    for e in error.errors():
+        path = [p for p in e["loc"] if isinstance(p, int) or not _is_union_member(p)]
+        message = e["msg"].removeprefix("Value error, ")
+        if e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+            names = [p for p in path if isinstance(p, str)]
+            cls = _section_class(root, names[:-1])
+            known = ", ".join(f.name for f in dataclasses.fields(cls)) if cls else "?"
+            where = ".".join(filter(None, [prefix, *names[:-1]]))
+            problems.setdefault(f"unknown key '{'.'.join(filter(None, [prefix, *names]))}' "
+                                f"(known keys{' of ' + where if where else ''}: {known})", [])
+            continue
+        elif e["type"] == "missing" and path and isinstance(path[-1], int):  # a list shorter than its tuple
+            path, message = path[:-1], "too few values"
+        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+        key = ".".join(filter(None, [prefix, key])) or "<top level>"
+        problems.setdefault(key, []).append(message[:1].lower() + message[1:])
+        if e["type"] not in ("missing", "value_error") or message == "too few values":
+            inputs.setdefault(key, e["input"])
+    return ConfigError("; ".join(
+        f"{k}: {' or '.join(m)}" + (f", got {inputs[k]!r}" if k in inputs else "") if m else k
+        for k, m in problems.items()))
+
+
+_TRAIN_CONFIG = TypeAdapter(TrainConfig)
 
 
 def from_dict(data: dict) -> TrainConfig:
-    cfg = _build(TrainConfig, data)
+    """A validated TrainConfig from plain data (a recipe's mapping after overrides)."""
+    try:
+        cfg = _TRAIN_CONFIG.validate_python(data)
+    except ValidationError as e:
+        raise config_error(e, TrainConfig) from None
     validate(cfg)
     return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks across keys (pydantic has checked each key on its own)."""
+    def need(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {message}")
+
+    t, o, s, d, n = cfg.train, cfg.optim, cfg.schedule, cfg.deepspeed, cfg.data.num_samples
+    need(bool(cfg.data.root), "data.root", "the dataset root is required")
+    need(t.micro_batch_size is None or t.global_batch_size % t.micro_batch_size == 0,
+         "train.global_batch_size", f"{t.global_batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
+    need(t.epochs > 0 or t.max_steps is not None, "train.epochs", "must be positive (or set train.max_steps)")
+    need(0 <= o.min_lr <= o.lr, "optim.min_lr", f"{o.min_lr:g} must be in [0, optim.lr={o.lr:g}]")
+    need(not (s.warmup_steps and s.warmup_epochs), "schedule.warmup_steps",
+         "set warmup_steps or warmup_epochs, not both")
+    need(0 < cfg.augment.crop_scale[0] <= cfg.augment.crop_scale[1] <= 1, "augment.crop_scale",
+         f"{list(cfg.augment.crop_scale)} must satisfy 0 < lo <= hi <= 1")
+    need(not d.offload_params or d.zero_stage == 3, "deepspeed.offload_params",
+         "parameter offload needs deepspeed.zero_stage=3")
+    need(not d.offload_optimizer or d.zero_stage >= 1, "deepspeed.offload_optimizer",
+         "optimizer offload needs deepspeed.zero_stage >= 1")
+    need(not isinstance(n, str) or n in KNOWN_DATASETS, "data.num_samples",
+         f"{n!r} is neither a sample count nor a known dataset ({', '.join(KNOWN_DATASETS)})")
 
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
@@ -336,18 +381,54 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     return data
 
 
-def read_recipe(path: str | Path) -> dict[str, Any]:
-    """A recipe file's top-level mapping, or a ConfigError that names the file."""
-    path = Path(path)
+# ---------------------------------------------------------------------------------------------
+# Recipe files: a row's file names the base it extends and states only what differs.
+
+EXTENDS = "extends"
+
+
+def read_recipe(path: str | Path, *, file_relative: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A recipe file's top-level mapping, its ``extends:`` chain merged in; or a ConfigError naming the file.
+
+    ``extends: FILE`` (relative to the file that says it) names a base recipe: the file's own keys win,
+    mappings merge key by key, anything else (lists, scalars, null) replaces the base's value. The dotted
+    keys in ``file_relative`` hold paths that are likewise relative to the file that sets them.
+    """
+    return _read_chain(Path(path), file_relative, ())
+
+
+def _read_chain(path: Path, file_relative: tuple[str, ...], seen: tuple[Path, ...]) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path}" + (f" (extended by {seen[-1]})" if seen else ""))
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: '{EXTENDS}' loops back to a file that extends it")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    return data
+    for key in file_relative:  # made relative to the working directory, as every other path of a recipe
+        *sections, leaf = key.split(".")
+        node = data
+        for s in sections:
+            node = node.get(s) if isinstance(node, dict) else None
+        value = node.get(leaf) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and "://" not in value and not os.path.isabs(value):
+            node[leaf] = os.path.normpath(path.parent / value)
+    base = data.pop(EXTENDS, None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: {EXTENDS}: expected the path of a base recipe, got {base!r}")
+    return _merge(_read_chain(path.parent / base, file_relative, (*seen, path.resolve())), data)
+
+
+def _merge(base: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in own.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, check_data: bool = True) -> TrainConfig:
@@ -356,51 +437,6 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
     if check_data:
         check_shards(cfg)
     return cfg
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Checks that need no world size and no data."""
-    def need(cond: bool, key: str, msg: str) -> None:
-        if not cond:
-            raise ConfigError(f"{key}: {msg}")
-
-    need(bool(cfg.data.root), "data.root", "the dataset root is required")
-    need(cfg.model.img_size >= 16, "model.img_size", "must be >= 16")
-    need(cfg.model.num_classes is None or cfg.model.num_classes > 0, "model.num_classes", "must be positive")
-    need(cfg.model.drop_path_rate is None or 0 <= cfg.model.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
-    need(cfg.train.global_batch_size > 0, "train.global_batch_size", "must be positive")
-    mb = cfg.train.micro_batch_size
-    need(mb is None or mb > 0, "train.micro_batch_size", "must be positive")
-    need(mb is None or cfg.train.global_batch_size % mb == 0, "train.global_batch_size",
-         f"{cfg.train.global_batch_size} is not a multiple of train.micro_batch_size={mb}")
-    need(cfg.train.epochs > 0 or cfg.train.max_steps is not None, "train.epochs", "must be positive (or set train.max_steps)")
-    need(cfg.train.max_steps is None or cfg.train.max_steps > 0, "train.max_steps", "must be positive")
-    need(cfg.train.max_nonfinite_skips >= 0, "train.max_nonfinite_skips", "must be >= 0")
-    need(cfg.optim.lr > 0, "optim.lr", "must be positive")
-    need(0 <= cfg.optim.min_lr <= cfg.optim.lr, "optim.min_lr", "must be in [0, optim.lr]")
-    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    need(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
-    need(not (cfg.schedule.warmup_steps and cfg.schedule.warmup_epochs), "schedule.warmup_steps",
-         "set warmup_steps or warmup_epochs, not both")
-    need(cfg.schedule.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
-    need(cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0")
-    need(0 <= cfg.loss.label_smoothing < 1, "loss.label_smoothing", "must be in [0, 1)")
-    need(0 < cfg.augment.crop_scale[0] <= cfg.augment.crop_scale[1] <= 1, "augment.crop_scale", "must satisfy 0 < lo <= hi <= 1")
-    need(0 <= cfg.augment.hflip <= 1, "augment.hflip", "must be a probability")
-    need(cfg.augment.mixup_alpha >= 0 and cfg.augment.cutmix_alpha >= 0, "augment.mixup_alpha", "alphas must be >= 0")
-    need(0 < cfg.eval.crop_pct <= 1, "eval.crop_pct", "must be in (0, 1]")
-    need(cfg.eval.batch_size > 0, "eval.batch_size", "must be positive")
-    need(cfg.ema.decay is None or 0 < cfg.ema.decay < 1, "ema.decay", "must be in (0, 1)")
-    need(cfg.ema.every_steps >= 1, "ema.every_steps", "must be >= 1")
-    need(cfg.checkpoint.interval_steps >= 0, "checkpoint.interval_steps", "must be >= 0 (0: only at the end)")
-    need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
-    need(cfg.logging.interval_steps >= 1, "logging.interval_steps", "must be >= 1")
-    need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
-    need(cfg.data.num_canonical_nodes >= 1, "data.num_canonical_nodes", "must be >= 1")
-    need(not cfg.deepspeed.offload_params or cfg.deepspeed.zero_stage == 3, "deepspeed.offload_params",
-         "parameter offload needs deepspeed.zero_stage=3")
-    need(not cfg.deepspeed.offload_optimizer or cfg.deepspeed.zero_stage >= 1, "deepspeed.offload_optimizer",
-         "optimizer offload needs deepspeed.zero_stage >= 1")
 
 
 @functools.lru_cache(maxsize=64)

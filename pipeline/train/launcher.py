@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import storage
@@ -31,9 +30,9 @@ from pipeline.train.config import (
     load_config,
     make_plan,
 )
+from pipeline.train.launch_options import LAUNCHERS, RayOptions
 from pipeline.train.trainer import RESULT_FILE, TrainResult
 
-LAUNCHERS = ("local", "torchrun", "deepspeed", "ray")
 # Variables a rank needs from the launching environment when it is not a child process (Ray workers).
 FORWARDED_ENV = ("S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID",
                  "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_PROFILE",
@@ -43,19 +42,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 class LaunchError(RuntimeError):
     """A rank failed; the message carries the tail of its log."""
-
-
-@dataclass(frozen=True)
-class RayOptions:
-    address: str | None = None
-    num_workers: int | None = None  # None: nproc
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-    max_failures: int = 2
-    # For a local cluster started here (tests, a laptop).
-    num_cpus: int | None = None
-    object_store_memory: int | None = 200 * 2**20
-    extra_init: dict = field(default_factory=dict)
 
 
 def resolve(config_or_path: TrainConfig | str | os.PathLike, overrides=(), *, check_data: bool = True) -> TrainConfig:

@@ -124,3 +124,29 @@ def test_consolidate_rejects_what_is_not_a_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointNotFound, match="not a DeepSpeed checkpoint"):
         consolidate(tmp_path / "empty", tmp_path / "x.safetensors")
+
+
+def test_dry_run_before_pretraining_and_without_credentials(monkeypatch, tmp_path, capsys):
+    """`coatnet finetune --dry-run` of a paper row whose pretraining has not run: the plan, and warnings."""
+    from pipeline.cli import main
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "S3_ENDPOINT_URL"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    rc = main(["finetune", "--config", str(REPO / "configs/finetune/coatnet_2_in21k_to_in1k_384.yaml"), "--dry-run",
+               "--json", "--launcher", "ray", "--num-workers", "16", f"output_dir={tmp_path / 'ft'}",
+               f"finetune.pretrained={tmp_path / 'not-pretrained-yet'}"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    printed = json.loads(out)
+    assert printed["init"] is None and printed["train"] is None
+    p = printed["plan"]
+    assert (p["world_size"], p["micro_batch_size"], p["grad_accum_steps"], p["num_classes"]) == (16, 64, 1, 1000)
+    assert p["total_steps"] == 30 * p["steps_per_epoch"] and p["memory_gib_per_rank"] > 0
+    w = printed["warnings"]
+    assert any(x.startswith("finetune.pretrained: no checkpoint") for x in w)
+    assert any("credentials" in x and "finetune.source_classes=s3://coatnet-datasets/imagenet21k" in x for x in w)
+    assert any(x.startswith("initial weights not prepared") for x in w) and err.count("WARNING: ") == len(w)
+    assert not (tmp_path / "ft").exists()

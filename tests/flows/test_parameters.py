@@ -72,3 +72,30 @@ def _exception(state):
     except BaseException as e:  # noqa: BLE001 - the flow's failure is what we inspect
         return e
     return None
+
+
+def test_launch_options_are_defined_once():
+    """The CLI flags, the flows' `training` parameter and Ray Train's options come from one definition."""
+    from flows.params import TrainingTarget
+    from pipeline.cli import build_parser
+    from pipeline.train.launch_options import LaunchOptions, RayOptions, RayTrainOptions, from_arguments
+
+    def parse(*flags: str):
+        return build_parser().parse_args(["pretrain", "--config", "x.yaml", *flags])
+
+    args = parse()
+    assert from_arguments(args) == LaunchOptions() and (args.launcher, args.nproc, args.ray_address) == ("local", 1, None)
+    assert (TrainingTarget().launcher, TrainingTarget().nproc) == ("deepspeed", 2)  # the flows' own defaults
+    assert set(LaunchOptions.model_fields) <= set(TrainingTarget.model_fields)
+    assert set(RayTrainOptions.model_fields) <= set(RayOptions.model_fields)
+    # The cluster job's command line gives the CLI exactly the flow's launch options.
+    t = TrainingTarget(mode="ray-job", ray_address="http://head:8265", launcher="ray", nproc=4, num_workers=8,
+                       gpus_per_worker=1, max_failures=5)
+    args = parse(*t.to_argv())
+    assert from_arguments(args) == LaunchOptions(**t.model_dump(include=set(LaunchOptions.model_fields)))
+    assert args.ray_address is None  # the jobs address is not the cluster the ranks join
+    ray = t.ray_options()
+    assert (ray.num_workers, ray.gpus_per_worker, ray.max_failures, ray.address, t.world_size) == (8, 1.0, 5, None, 8)
+    for bad in (["--nproc", "0"], ["--gpus-per-worker", "-1"], ["--launcher", "slurm"]):
+        with pytest.raises(SystemExit):
+            parse(*bad)

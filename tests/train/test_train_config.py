@@ -71,6 +71,11 @@ def test_demo_loads_and_overrides_apply():
     ("deepspeed.offload_params=true", "deepspeed.offload_params"),  # needs ZeRO-3
     ("ema.decay=1.5", "ema.decay"),
     ("optim=3", "optim"),
+    ("model.grad_checkpointing=1", "model.grad_checkpointing"),  # YAML's 1 is not a boolean
+    ("train.epochs=true", "train.epochs"),  # nor true a number
+    ("augment.randaugment.num_opz=1", "'augment.randaugment.num_opz'"),
+    ("data.num_samples=imagenet22k", "data.num_samples"),  # neither a count nor a known dataset
+    ("data.num_samples=imagenet21k-winter21", None),
 ])
 def test_invalid_values_are_rejected_naming_the_key(override, key):
     if key is None:
@@ -78,6 +83,12 @@ def test_invalid_values_are_rejected_naming_the_key(override, key):
         return
     with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[")):
         load_config(DEMO, [override], check_data=False)
+
+
+def test_every_bad_key_is_named_at_once():
+    with pytest.raises(ConfigError) as e:
+        load_config(DEMO, ["optim.lr=0", "model.img_size=8"], check_data=False)
+    assert "optim.lr: input should be greater than 0, got 0" in str(e.value) and "model.img_size:" in str(e.value)
 
 
 def test_unknown_key_in_file_is_named(tmp_path):
@@ -89,6 +100,27 @@ def test_unknown_key_in_file_is_named(tmp_path):
         load_config(DEMO, ["optim.lr"], check_data=False)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_a_row_extends_its_base(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "column.yaml").write_text(DEMO.read_text())
+    row = tmp_path / "row.yaml"
+    row.write_text("extends: base/column.yaml\nname: row\noptim:\n  lr: 0.01\naugment:\n  crop_scale: [0.3, 1.0]\n"
+                   "  mean: null\n")
+    with pytest.raises(ConfigError, match=r"augment\.mean"):  # null replaces the base's value
+        load_config(row, check_data=False)
+    row.write_text("extends: base/column.yaml\nname: row\noptim:\n  lr: 0.01\naugment:\n  crop_scale: [0.3, 1.0]\n")
+    cfg, base = load_config(row, check_data=False), load_config(DEMO, check_data=False)
+    assert (cfg.name, cfg.optim.lr, cfg.augment.crop_scale) == ("row", 0.01, (0.3, 1.0))
+    assert cfg.optim.min_lr == base.optim.min_lr and cfg.augment.std == base.augment.std  # merged, not replaced
+    assert cfg.replace(name=base.name, optim=base.optim, augment=base.augment) == base
+    (tmp_path / "base" / "column.yaml").write_text("extends: ../row.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(row, check_data=False)
+    row.write_text("extends: base/missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"config file not found: .*missing\.yaml \(extended by .*row\.yaml\)"):
+        load_config(row, check_data=False)
 
 
 def test_batch_split_for_world_sizes():
