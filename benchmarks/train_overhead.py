@@ -28,8 +28,8 @@ from pipeline.train.config import TrainConfig, from_dict, make_plan  # noqa: E40
 from pipeline.train.distributed import setup_distributed  # noqa: E402
 from pipeline.train.engine import build_model, initialize, input_dtype  # noqa: E402
 from pipeline.train.loss import build_loss  # noqa: E402
-from pipeline.train.metrics import StepTimer  # noqa: E402
-from pipeline.train.trainer import TrainState, train_step  # noqa: E402
+from pipeline.train.state import TrainState  # noqa: E402
+from pipeline.train.trainer import Trainer  # noqa: E402
 
 
 def _sync() -> None:
@@ -97,11 +97,15 @@ def main() -> None:
     engine, _ = initialize(build_model(cfg, plan), cfg, plan)
     batch = {"image": x, "label": y, "key": ["k"] * a.batch}
     batches = iter(lambda: batch, None)
-    state, timer = TrainState(), StepTimer()
-    ckpts = CheckpointManager(Path(os.devnull), keep_last=1, upload_uri=None, rank=ctx.rank, local_rank=0)
+    # The trainer's step without its loaders and sinks: the parts train_step uses, set by hand.
+    trainer = object.__new__(Trainer)
+    trainer.__dict__.update(config=cfg, ctx=ctx, plan=plan, engine=engine, loss_fn=loss_fn, dtype=dtype,
+                            state=TrainState(), checkpoints=CheckpointManager(Path(os.devnull), keep_last=1,
+                                                                              upload_uri=None, rank=ctx.rank,
+                                                                              local_rank=0))
 
     def trainer_step() -> None:
-        train_step(engine, batches, loss_fn, dtype, ctx, timer, state, cfg, plan, ckpts)
+        trainer.train_step(batches)
 
     # Interleaved rounds, so that a change in machine load hits both sides alike.
     times: dict[str, list[float]] = {"plain PyTorch step": [], f"trainer (DeepSpeed ZeRO-{a.zero})": []}

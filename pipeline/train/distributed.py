@@ -61,10 +61,11 @@ class DistContext:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
-    def mean(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+    def mean(self, values: torch.Tensor) -> list[float]:
+        """The mean over ranks of each element of ``values`` (one all-reduce, one host synchronisation)."""
+        t = values.detach().to(self.device, torch.float64).clone().reshape(-1)
         dist.all_reduce(t)
-        return float(t.item()) / self.world_size
+        return (t / self.world_size).tolist()
 
     def gather(self, rows: list) -> list:
         parts: list = [None] * self.world_size
