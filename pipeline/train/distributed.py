@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,10 +70,6 @@ class DistContext:
         dist.all_gather_object(parts, rows)
         return [r for part in parts for r in part]
 
-    def append_jsonl(self, path: Path, row: dict) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
 
 
 def setup_distributed() -> DistContext:

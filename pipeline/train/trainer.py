@@ -2,15 +2,15 @@
 
 ``Trainer`` holds the parts (engine, loaders, checkpoints, metrics, EMA, callbacks, the loop's state), each behind
 its own small interface in its own module; ``Trainer.run`` is the loop and reads top to bottom. Periodic work
-decides its own cadence (``should_log``, ``should_eval``, ``should_save``).
+decides its own cadence (``should_log``, ``should_eval``, ``should_save``); what is not training (fault injection
+for tests, sample recording) hangs on the loop's callbacks (``pipeline.train.callbacks``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from streaming.base.util import clean_stale_shared_memory
 
+from pipeline.train import callbacks as callbacks_
 from pipeline.train import export
 from pipeline.train.cadence import Cadence
 from pipeline.train.checkpoint import CheckpointManager, tag_for
@@ -76,7 +77,8 @@ def run(config: TrainConfig, *, resume: str = "auto", force_resume: bool = False
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, *, resume: str = "auto", force_resume: bool = False) -> None:
+    def __init__(self, config: TrainConfig, *, resume: str = "auto", force_resume: bool = False,
+                 callbacks: Iterable[callbacks_.Callback] = ()) -> None:
         self.config = config
         self.ctx = ctx = setup_distributed()
         self.plan = plan = make_plan(config, ctx.world_size)
@@ -109,6 +111,9 @@ class Trainer:
         if ctx.rank == 0:
             Path(self.out, PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2))
         self.dtype, self.loss_fn = input_dtype(config), build_loss(config.loss)
+        self.callbacks = callbacks_.Callbacks([*callbacks_.from_env(), *callbacks])
+        if config.train.record_samples:
+            self.callbacks.callbacks.append(callbacks_.RecordSamples(self.out, ctx.rank))
         self.metrics = TrainMetrics(
             self.sink, mean=ctx.mean, world_size=ctx.world_size, flops_per_image=plan.train_flops_per_image,
             peak_per_device=peak_tflops(config.logging.peak_tflops),
@@ -131,7 +136,7 @@ class Trainer:
                     self.metrics.log_eval(state.step, self.evaluate())
                 if self.should_save(state.step):
                     self.last_checkpoint = self.save_checkpoint()
-                _maybe_lose_worker(state.step, self.ctx, self.out)
+                self.callbacks.on_step_end(self)
                 if state.at_epoch_start:
                     break  # end of epoch: the rest of this pass (less than a global batch) is dropped
             del batches
@@ -211,15 +216,13 @@ class Trainer:
             batch = next(batches)
             wait += time.perf_counter() - t0
             x, y = self.inputs(batch)
-            loss = self.loss_fn(self.engine(x), y)
-            if _fault_injected(self.state.step) or not ctx.all_finite(loss):
+            loss = self.callbacks.on_micro_batch_loss(self, done, self.loss_fn(self.engine(x), y))
+            if not ctx.all_finite(loss):
                 self.skip_nonfinite(loss, batch)
                 continue  # the micro-batch is dropped; the next one takes its place
             self.engine.backward(loss)
             self.engine.step()
-            if self.config.train.record_samples:
-                ctx.append_jsonl(Path(self.config.output_dir, "samples", f"rank{ctx.rank:05d}.jsonl"),
-                                 {"step": self.state.step, "micro": done, "keys": list(batch["key"])})
+            self.callbacks.on_micro_batch_end(self, done, batch)
             total += loss.item()
             done += 1
             images += x.shape[0]
@@ -282,24 +285,3 @@ def _flat(d: dict, prefix: str = "") -> dict:
         out |= _flat(v, key) if isinstance(v, dict) and v else {key: v}
     return out
 
-
-_INJECTED: set[int] = set()
-
-
-def _fault_injected(step: int) -> bool:
-    # Fault injection for tests of the non-finite path (a NaN cannot be provoked reliably otherwise):
-    # the first micro-batch of step COATNET_FAULT_NONFINITE_STEP counts as non-finite on every rank.
-    if os.environ.get("COATNET_FAULT_NONFINITE_STEP") == str(step) and step not in _INJECTED:
-        _INJECTED.add(step)
-        return True
-    return False
-
-
-def _maybe_lose_worker(step: int, ctx, out: Path) -> None:
-    # Fault injection for tests of launcher restarts: the last rank dies abruptly after step
-    # COATNET_FAULT_EXIT_STEP, once per output directory (as a lost machine would).
-    marker = out / ".fault-exit-done"
-    if os.environ.get("COATNET_FAULT_EXIT_STEP") == str(step) and ctx.rank == ctx.world_size - 1 \
-            and not marker.exists():
-        marker.touch()
-        os._exit(1)
