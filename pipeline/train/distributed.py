@@ -53,11 +53,12 @@ class DistContext:
 
         return tqdm(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True)
 
-    def all_finite(self, t: torch.Tensor) -> bool:
-        """True when ``t`` is finite on every rank (all ranks must agree to skip or stop together)."""
-        flag = torch.isfinite(t.detach()).all().to(torch.int32).reshape(1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+    def all_true(self, flag: torch.Tensor) -> bool:
+        """True when ``flag`` (a boolean on this rank's device) is true on every rank: one all-reduce, and the
+        one host synchronisation of an optimizer step (all ranks must agree to discard a step or go on)."""
+        t = flag.detach().to(self.device, torch.int32).reshape(1)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
 
     def mean(self, values: torch.Tensor) -> list[float]:
         """The mean over ranks of each element of ``values`` (one all-reduce, one host synchronisation)."""

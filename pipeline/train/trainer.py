@@ -9,8 +9,8 @@ for tests, sample recording) hangs on the loop's callbacks (``pipeline.train.cal
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Iterable, Iterator
+import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from pipeline.train.engine import build_model, initialize, input_dtype
 from pipeline.train.loss import build_loss
 from pipeline.train.metrics import MetricsSink, TrainMetrics, peak_tflops
 from pipeline.train.state import TrainState
+from pipeline.train.step import StepResult, TrainStep
 
 RESULT_FILE = "result.json"
 PLAN_FILE = "plan.json"
@@ -39,14 +40,6 @@ __all__ = ["RESULT_FILE", "NonFiniteLossError", "TrainResult", "TrainState", "Tr
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf (on any rank) more often than ``train.max_nonfinite_skips`` allows."""
-
-
-@dataclass
-class StepResult:
-    loss: torch.Tensor  # mean over the micro-batches
-    applied: bool
-    images: int  # this rank's
-    data_wait: float  # seconds spent waiting for batches
 
 
 @dataclass
@@ -110,10 +103,13 @@ class Trainer:
         ctx.print(f"plan: {json.dumps(plan.to_dict())}")
         if ctx.rank == 0:
             Path(self.out, PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2))
-        self.dtype, self.loss_fn = input_dtype(config), build_loss(config.loss)
+        self.dtype = input_dtype(config)
         self.callbacks = callbacks_.Callbacks([*callbacks_.from_env(), *callbacks])
         if config.train.record_samples:
             self.callbacks.callbacks.append(callbacks_.RecordSamples(self.out, ctx.rank))
+        self.train_step = TrainStep(self.engine, build_loss(config.loss), self.inputs,
+                                    grad_accum_steps=plan.grad_accum_steps, all_true=ctx.all_true,
+                                    device=ctx.device, callbacks=self.callbacks, owner=self)
         self.metrics = TrainMetrics(
             self.sink, mean=ctx.mean, world_size=ctx.world_size, flops_per_image=plan.train_flops_per_image,
             peak_per_device=peak_tflops(config.logging.peak_tflops),
@@ -124,7 +120,9 @@ class Trainer:
         while state.step < self.stop_at:
             batches = iter(self.loader)  # a fresh epoch, or the rest of the resumed one
             while state.step < self.stop_at:
-                result = self.train_step(batches)
+                result = self.train_step(batches, keep_batches=self._next_skip_is_fatal())
+                if not result.applied:
+                    self.skip_nonfinite(result)
                 state.advance(self.plan.steps_per_epoch)
                 if self.ema and self.should_update_ema(state.step):
                     self.ema.update(self.engine.module)
@@ -207,45 +205,35 @@ class Trainer:
             self.last_checkpoint = found[0] / found[1]
             self.ctx.print(f"resumed from {self.last_checkpoint} at step {self.state.step} (epoch {self.state.epoch})")
 
-    # -- one optimizer step ------------------------------------------------------------------------
-    def train_step(self, batches: Iterator[dict]) -> StepResult:
-        """``grad_accum_steps`` micro-batches, forward/backward, then DeepSpeed's step."""
-        total, done, images, wait, ctx = 0.0, 0, 0, 0.0, self.ctx
-        while done < self.plan.grad_accum_steps:
-            t0 = time.perf_counter()
-            batch = next(batches)
-            wait += time.perf_counter() - t0
-            x, y = self.inputs(batch)
-            loss = self.callbacks.on_micro_batch_loss(self, done, self.loss_fn(self.engine(x), y))
-            if not ctx.all_finite(loss):
-                self.skip_nonfinite(loss, batch)
-                continue  # the micro-batch is dropped; the next one takes its place
-            self.engine.backward(loss)
-            self.engine.step()
-            self.callbacks.on_micro_batch_end(self, done, batch)
-            total += loss.item()
-            done += 1
-            images += x.shape[0]
-        return StepResult(torch.tensor(total / self.plan.grad_accum_steps, dtype=torch.float64), True, images, wait)
+    # -- non-finite steps --------------------------------------------------------------------------
+    def _next_skip_is_fatal(self) -> bool:
+        # The step's batches are kept (for the dump) only when one more skip would stop the run.
+        return self.state.nonfinite_skips >= self.config.train.max_nonfinite_skips
 
-    def skip_nonfinite(self, loss: torch.Tensor, batch: dict) -> None:
+    def skip_nonfinite(self, result: StepResult) -> None:
+        """A discarded step (``step.py``): counted; past ``train.max_nonfinite_skips`` the run stops, leaving each
+        rank's batches of the step and the weights before it (the discarded step did not change them)."""
         state, limit, ctx = self.state, self.config.train.max_nonfinite_skips, self.ctx
         state.nonfinite_skips += 1
         where = f"step {state.step} (epoch {state.epoch})"
         if state.nonfinite_skips <= limit:
-            ctx.print(f"non-finite loss at {where}: micro-batch skipped ({state.nonfinite_skips}/{limit})",
+            ctx.print(f"non-finite loss at {where}: optimizer step skipped ({state.nonfinite_skips}/{limit})",
                       all_ranks=True)
             return
+        losses = result.losses.tolist()
         dump = Path(self.config.output_dir, "nonfinite", f"step{state.step:08d}_rank{ctx.rank:05d}.pt")
         dump.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"loss": loss.detach().cpu(), "image": batch["image"], "label": batch["label"],
-                    "key": list(batch["key"]), "step": state.step}, dump)
-        # The weights before this step, to reproduce it; tagged apart so resume "auto" never picks it up.
+        torch.save({"step": state.step, "loss": result.losses.cpu(),
+                    "image": torch.cat([b["image"] for b in result.batches]),
+                    "label": torch.cat([b["label"] for b in result.batches]),
+                    "key": [k for b in result.batches for k in b["key"]]}, dump)
+        # Tagged apart, so that resume "auto" never picks it up.
         path = self.save_checkpoint(tag=f"nonfinite_{tag_for(state.step)}", mark_latest=False)
+        what = "loss" if not all(map(math.isfinite, losses)) else "gradients (finite losses)"
         raise NonFiniteLossError(
-            f"non-finite loss ({loss.item()}) at {where} on some rank, after {state.nonfinite_skips - 1} skipped "
-            f"micro-batches (train.max_nonfinite_skips={limit}); weights before the step in {path}, the offending "
-            f"batches in {dump.parent}"
+            f"non-finite {what} ({', '.join(f'{v:.4g}' for v in losses)} on rank {ctx.rank}) at {where} on some "
+            f"rank, after {state.nonfinite_skips - 1} skipped steps (train.max_nonfinite_skips={limit}); weights "
+            f"before the step in {path}, each rank's batches of the step in {dump.parent}"
         )
 
     # -- the end -----------------------------------------------------------------------------------
