@@ -21,8 +21,10 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """The config is invalid; the message names the offending key."""
 
 
