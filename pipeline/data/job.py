@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ DEFAULT_MAX_BAD_FRACTION = 0.05
 DESCRIBE_BATCH = 64  # class folders counted per task
 CLASS_KINDS = ("empty_class", "unknown_class", "unreadable_class")
 PROGRESS_EVERY_S = 10.0
+IO_THREADS = 16  # small objects (part records, part indexes) fetched at once: request latency, not bandwidth
 
 
 class ShardError(UserError, RuntimeError):
@@ -283,15 +285,16 @@ def _check_bad(bad: list[dict], listed: int, limit: float) -> None:
 
 
 def _load_records(root: str, plan: Plan) -> dict:
-    """The records of parts finished by an earlier run (one listing, not one request per part)."""
+    """The records of parts finished by an earlier run (one listing, then the records a few at a time)."""
     present = {o.uri for o in storage.list_objects(storage.join(root, WORK_DIR, "parts"))}
+    done = [p for p in plan.parts if part_record_uri(root, p.split, p.part) in present]
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        texts = list(pool.map(lambda p: storage.read_text(part_record_uri(root, p.split, p.part)), done))
     records = {}
-    for p in plan.parts:
-        uri = part_record_uri(root, p.split, p.part)
-        if uri in present:
-            rec = json.loads(storage.read_text(uri))
-            if rec.get("units") == p.unit_ids:
-                records[(p.split, p.part)] = rec
+    for p, text in zip(done, texts):
+        rec = json.loads(text)
+        if rec.get("units") == p.unit_ids:  # a record of another plan (units dealt differently) does not count
+            records[(p.split, p.part)] = rec
     return records
 
 
@@ -318,11 +321,10 @@ def _merge_index(root: str, split: str, dirs: list[str]) -> dict:
     from streaming.base.util import merge_index
 
     with tempfile.TemporaryDirectory(prefix="coatnet-merge-") as tmp:
-        paths = []
-        for d in dirs:
-            local = Path(tmp, d, "index.json")
-            storage.download_file(storage.join(root, d, "index.json"), local)
-            paths.append(str(local))
+        paths = [str(Path(tmp, d, "index.json")) for d in dirs]
+        with ThreadPoolExecutor(IO_THREADS) as pool:
+            list(pool.map(lambda d: storage.download_file(storage.join(root, d, "index.json"), Path(tmp, d, "index.json")),
+                          dirs))
         # merge_index logs a warning per call about its temporary folders; nothing to act on.
         logging.disable(logging.WARNING)
         try:

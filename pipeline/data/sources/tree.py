@@ -72,16 +72,19 @@ def _normalise_root(text: str, kind: str) -> str:
     return str(Path(text).expanduser().resolve())
 
 
-def _check_exists(root: str) -> None:
-    """Fail with one sentence when ``root`` is missing, empty or unreadable (one request on S3)."""
+def _has_objects(uri: str) -> bool:
     try:
-        present = storage.has_objects(root)
+        return storage.has_objects(uri)
     except Exception as e:  # noqa: BLE001 - translated when it is the user's to fix, else re-raised
-        problem = storage.access_problem(e, root)
+        problem = storage.access_problem(e, uri)
         if problem is None:
             raise
         raise SourceError(problem) from None
-    if not present:
+
+
+def _check_exists(root: str) -> None:
+    """Fail with one sentence when ``root`` is missing, empty or unreadable (one request on S3)."""
+    if not _has_objects(root):
         if storage.is_remote(root):
             raise SourceError(f"source {root} does not exist or is empty: no object under that prefix")
         if not Path(root).is_dir():
@@ -233,10 +236,10 @@ class TreeSource(Source):
     root: str = ""
 
     def splits(self) -> list[tuple[str, str]]:
-        train = storage.join(self.root, "train")
-        names = set(_list_dir(self.root).dirs)
-        if "train" in names:
-            return [("train", train)] + ([("val", storage.join(self.root, "val"))] if "val" in names else [])
+        # Two one-request probes, not a listing of the root (which may hold 21K tars).
+        train, val = storage.join(self.root, "train"), storage.join(self.root, "val")
+        if _has_objects(train):
+            return [("train", train)] + ([("val", val)] if _has_objects(val) else [])
         return [("train", self.root)]
 
     def list_units(self) -> list[Unit]:
@@ -410,12 +413,10 @@ class ImageNet1k(_ImageNet):
     @classmethod
     def required_folder(cls, root: str) -> str:
         train = storage.join(root, "train")
-        try:
-            if storage.has_objects(train):
-                return train
-        except Exception:  # noqa: BLE001 - _check_exists reports it
-            return train
-        raise SourceError(f"imagenet1k source needs {train}/<synset>/ folders or tars")
+        if not _has_objects(train):
+            _check_exists(root)  # a missing root says so; a root without train/ gets the layout it needs
+            raise SourceError(f"imagenet1k source needs {train}/<synset>/ folders or tars")
+        return train
 
     def flat_val_allowed(self) -> bool:
         return True
