@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import io
 import os
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -13,14 +14,19 @@ from urllib.parse import urlparse
 
 class FaultyProxy:
     """An HTTP proxy in front of the S3 server that fails every ``fail_every``-th request with a 503
-    (S3's "SlowDown"), can delay every request, or (``deny=True``) answer every request with S3's 403
-    AccessDenied as a bucket policy would: real failure paths for the client's retries and errors."""
+    (S3's "SlowDown"), can delay every request, (``deny=True``) answer every request with S3's 403
+    AccessDenied as a bucket policy would, or (``break_every``) cut a tar's body off half-way: real
+    failure paths for the client's retries and errors."""
 
-    def __init__(self, upstream: str, fail_every: int = 0, delay_s: float = 0.0, deny: bool = False):
+    def __init__(self, upstream: str, fail_every: int = 0, delay_s: float = 0.0, deny: bool = False,
+                 break_every: int = 0):
         self.upstream = urlparse(upstream)
         self.fail_every = fail_every
         self.delay_s = delay_s
         self.deny = deny
+        self.break_every = break_every  # every n-th GET of a .tar: half the body, then the connection drops
+        self.tar_gets = 0
+        self.broken = 0
         self.requests = 0
         self.failed = 0
         self._lock = threading.Lock()
@@ -79,7 +85,18 @@ class FaultyProxy:
                 length = resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
                 self.send_header("Content-Length", length)
                 self.end_headers()
-                if self.command != "HEAD":
+                cut = False
+                if self.command == "GET" and proxy.break_every and self.path.split("?")[0].endswith(".tar"):
+                    with proxy._lock:
+                        proxy.tar_gets += 1
+                        cut = proxy.tar_gets % proxy.break_every == 0
+                        proxy.broken += cut
+                if cut:
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                elif self.command != "HEAD":
                     self.wfile.write(data)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle

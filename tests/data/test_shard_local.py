@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 from PIL import Image
-from shard_helpers import encode, make_image, read_split, write_image
+from shard_helpers import check_accounting, encode, make_image, read_split, write_image
 
 from pipeline import storage
 from pipeline.cli import main as cli_main
@@ -191,6 +191,19 @@ def test_transient_s3_errors_are_survived(s3_bucket, faulty_proxy, monkeypatch, 
     storage.reset_clients()
     keys = [s["key"] for split in ("train", "minival", "val") for s in read_split(res.uri, split, tmp_path)]
     assert len(keys) == len(set(keys)) == 1797
+
+
+def test_a_tar_stream_cut_off_mid_read_is_read_again(in21k_bucket, faulty_proxy, monkeypatch, tmp_path):
+    with faulty_proxy(break_every=4) as proxy:
+        monkeypatch.setenv("S3_ENDPOINT_URL", proxy.url)
+        storage.reset_clients()
+        res = shard_dataset(in21k_bucket["source"], str(tmp_path / "out"), executor="local", part_size=20,
+                            minival_fraction=0.0, progress=False)
+        assert proxy.broken >= 3, proxy.broken  # the failure path really ran
+    monkeypatch.undo()
+    storage.reset_clients()
+    assert "unreadable_class" not in res.manifest["quarantine_counts"]  # a broken stream is not a broken tar
+    check_accounting(res, in21k_bucket, tmp_path)
 
 
 def test_unfinished_run_over_a_changed_source_is_refused_unless_restarted(malformed_corpus, tmp_path):
