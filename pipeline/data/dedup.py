@@ -20,10 +20,12 @@ The driver only ever holds the repeats.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 from pipeline import storage
 
-ROWS_PER_BUCKET = 1_000_000
+ROWS_PER_BUCKET = 500_000  # ~150 MB of Python rows in a reduce task
+READ_THREADS = 16
 
 
 def buckets_for(rows: int) -> int:
@@ -55,13 +57,16 @@ def find_duplicates(bucket: int, buckets: int, tables: list[tuple[str, str, int]
     ``{"key", "path", "split", "part", "index", "keeper"}`` for every copy that is not kept.
     """
     groups: dict[bytes, list[tuple]] = {}
-    for uri, src_split, part in tables:
-        t = _read_table(uri, ["sha256", "key", "path", "split", "index"])
-        cols = [t.column(c).to_pylist() for c in ("sha256", "key", "path", "split", "index")]
-        for sha, key, path, split, index in zip(*cols):
-            if buckets > 1 and int.from_bytes(sha[:4], "big") % buckets != bucket:
-                continue
-            groups.setdefault(sha, []).append((split != "val", key, path, split, src_split, part, index))
+    columns = ["sha256", "key", "path", "split", "index"]
+    with ThreadPoolExecutor(READ_THREADS) as pool:  # small objects: latency-bound, so a few requests at once
+        for i in range(0, len(tables), 4 * READ_THREADS):  # a bounded window: one bucket's rows stay in memory
+            chunk = tables[i:i + 4 * READ_THREADS]
+            for src_split, part, t in pool.map(lambda x: (x[1], x[2], _read_table(x[0], columns)), chunk):
+                cols = [t.column(c).to_pylist() for c in columns]
+                for sha, key, path, split, index in zip(*cols):
+                    if buckets > 1 and int.from_bytes(sha[:4], "big") % buckets != bucket:
+                        continue
+                    groups.setdefault(sha, []).append((split != "val", key, path, split, src_split, part, index))
     masked = []
     for rows in groups.values():
         if len(rows) < 2:
