@@ -38,6 +38,7 @@ class ObjectInfo:
     uri: str
     size: int
     tag: str = field(default="", compare=False)  # S3 ETag, or the local file's mtime in ns: a change detector
+    sha256: str = field(default="", compare=False)  # known when this process just wrote the object
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ def upload_file(local: str | os.PathLike, uri: str, *, verify: bool = True) -> O
     s3_client().upload_file(str(local), bucket, key, ExtraArgs={"Metadata": {"sha256": digest}})
     if verify:
         _verify_remote(uri, size, digest)
-    return ObjectInfo(uri, size)
+    return ObjectInfo(uri, size, sha256=digest)
 
 
 def download_file(uri: str, local: str | os.PathLike) -> Path:

@@ -218,7 +218,8 @@ def write_part(part: Part, ctx: dict, val_hashes: dict[bytes, str] | None = None
             objects = []
             for f in sorted(local.iterdir(), key=lambda p: (p.name == "index.json", p.name)):  # index last
                 info = storage.upload_file(f, storage.join(root, rel, f.name))
-                objects.append({"path": f"{rel}/{f.name}", "size": info.size, "sha256": storage.sha256_file(f)})
+                objects.append({"path": f"{rel}/{f.name}", "size": info.size,
+                                "sha256": info.sha256 or storage.sha256_file(f)})
             out_records[split] = {"dir": rel, "samples": sum(counts.values()),
                                   "class_counts": {str(k): v for k, v in sorted(counts.items())}, "objects": objects}
         _write_table(root, part, outputs, Path(tmp, "table.parquet"))
