@@ -2,7 +2,7 @@
 
 Both sides run ``pipeline.data.shard_dataset`` on the same generated image folder (ImageNet-like
 JPEGs): ``executor="local"`` is the single-process loop (same read, hash, decode, resize, re-encode
-and MDS write code, one process), ``executor="ray"`` the Ray Data pipeline with ``--workers`` workers
+and MDS write code, one process), ``executor="ray"`` Ray tasks (one per part) with ``--workers`` workers
 on an already started local Ray (its start-up, a one-off per job, is reported separately).
 Repeats are interleaved and medians reported; speed-up = ray / local images/s, scaling efficiency
 = speed-up / workers.
