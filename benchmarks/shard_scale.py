@@ -15,8 +15,10 @@ folder.
    ``--workers`` workers, interleaved ``--repeats`` times after a warm-up. Efficiency = (images/s with
    N) / (images/s with 1) / N, from the write phase (where the workers run) and end to end. The
    tasks' CPU-seconds per stage (read = generate here, hash, preprocess, MDS write, upload) and per
-   image tell who is the limit: if CPU-seconds per image rise with N, the machine's cores are
-   contended (other load); if the tasks' cores used fall short of N, the driver or Ray is.
+   image tell who is the limit: a task's share of a core while it computes (CPU/wall of the pure-CPU
+   preprocessing stage) below 1 means the machine's cores are busy with other work; CPU-seconds per
+   image rising with N means contended cores too; a share near 1 with the tasks' cores used short of
+   N means the driver or Ray is the limit (gaps between tasks).
 
 Quick check (about a minute):  python benchmarks/shard_scale.py --sizes 10000,50000 --scaling-images 20000 --repeats 1
 Full figures (quiet machine):  python benchmarks/shard_scale.py --sizes 10000,100000,1000000 --repeats 3
@@ -128,6 +130,10 @@ def scaling(n: int, classes: int, workers: int, repeats: int) -> dict:
                        "images_per_s": n / seconds, "write_images_per_s": n / run["write_s"],
                        "cpu": run["stages"]["cpu"], "wall": run["stages"]["wall"], "load": os.getloadavg()[0]}
                 rec["task_cpu_s"] = sum(rec["cpu"].values())
+                # Preprocessing is pure CPU: its CPU/wall is the share of a core a task got while it wanted one.
+                rec["core_share"] = rec["cpu"]["preprocess"] / max(rec["wall"]["preprocess"], 1e-9)
+                # How full the worker slots were: gaps between tasks (driver, Ray scheduling, the last wave).
+                rec["occupancy"] = sum(rec["wall"].values()) / (w * run["write_s"])
                 rec["other_cpu_s"] = max(0.0, all_cpu - rec["task_cpu_s"])  # driver, raylet, GCS, idle workers
                 rec["cores_used"] = rec["task_cpu_s"] / run["write_s"]
                 runs[w].append(rec)
@@ -205,19 +211,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'end to end, images/s':28}{med(one, 'images_per_s'):>12.0f}{med(many, 'images_per_s'):>12.0f}"
               f"{e_eff:>12.2f}")
         print(f"{'cores used by the tasks':28}{med(one, 'cores_used'):>12.2f}{med(many, 'cores_used'):>12.2f}")
+        print(f"{'share of a core per task':28}{med(one, 'core_share'):>12.2f}{med(many, 'core_share'):>12.2f}"
+              "  (CPU/wall of preprocessing; < 1: the machine's cores are busy)")
+        print(f"{'occupancy of worker slots':28}{med(one, 'occupancy'):>12.2f}{med(many, 'occupancy'):>12.2f}"
+              "  (task time / (workers x write time); < 1: gaps between tasks)")
         print(f"{'task CPU us per image':28}{med(one, 'task_cpu_s') / args.scaling_images * 1e6:>12.0f}"
               f"{med(many, 'task_cpu_s') / args.scaling_images * 1e6:>12.0f}"
               f"{med(many, 'task_cpu_s') / med(one, 'task_cpu_s'):>12.2f}  (ratio > 1: contended cores)")
+        free = (med(many, "occupancy") / med(one, "occupancy")) * (med(one, "task_cpu_s") / med(many, "task_cpu_s"))
         for stage in one[0]["cpu"]:
             c1 = statistics.median(r["cpu"][stage] for r in one)
             cn = statistics.median(r["cpu"][stage] for r in many)
             print(f"{'  CPU-s ' + stage:28}{c1:>12.2f}{cn:>12.2f}")
         print(f"{'  CPU-s driver + Ray':28}{med(one, 'other_cpu_s'):>12.2f}{med(many, 'other_cpu_s'):>12.2f}"
               "  (outside the tasks: planning, merging, Ray's own processes)")
+        print(f"efficiency the pipeline allows with {args.workers} free cores: {free:.2f} (occupancy ratio x CPU per "
+              "image ratio; measured efficiency is lower by the cores other work took)")
         print(f"medians of {args.repeats} interleaved repeat(s); load average now {os.getloadavg()[0]:.1f} on "
               f"{os.cpu_count()} CPUs (aim: efficiency >= 0.85 with {args.workers} free cores)")
         figures["scaling"] = {"write_efficiency": round(w_eff, 3), "end_to_end_efficiency": round(e_eff, 3),
-                              "runs": runs}
+                              "free_core_efficiency": round(free, 3), "runs": runs}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(figures, indent=1))
