@@ -217,7 +217,7 @@ def list_objects(uri: str) -> Iterator[ObjectInfo]:
             yield ObjectInfo(f"{S3_SCHEME}{bucket}/{obj['Key']}", int(obj["Size"]), obj.get("ETag", "").strip('"'))
 
 
-def list_dir(uri: str) -> DirListing:
+def list_dir(uri: str, *, page_size: int | None = None) -> DirListing:
     """The folders and files directly under ``uri`` (S3: ``Delimiter="/"``, every page of the listing).
 
     A missing local folder or an empty prefix gives an empty listing; a missing bucket, denied access
@@ -241,7 +241,8 @@ def list_dir(uri: str) -> DirListing:
         prefix += "/"
     dirs, files = [], []
     paginator = s3_client().get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+    pages = {"PageSize": page_size} if page_size else {}  # S3 returns at most 1000 keys a page anyway
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/", PaginationConfig=pages):
         dirs.extend(p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", []))
         files.extend(ObjectInfo(f"{S3_SCHEME}{bucket}/{o['Key']}", int(o["Size"]), o.get("ETag", "").strip('"'))
                      for o in page.get("Contents", []) if not o["Key"].endswith("/"))

@@ -165,3 +165,16 @@ def test_write_digits_image_folder_round_trips_through_imagefolder(tmp_path):
     assert src.classes == tuple(str(d) for d in range(10))
     assert len(items) == digits.num_samples()
     assert sum(i.key.startswith("val/") for i in items) == len(digits.val_indices())
+
+
+def test_a_bucket_listing_reads_every_page(in21k_bucket):
+    from pipeline import storage
+
+    root = in21k_bucket["source"].split(":", 1)[1]
+    whole = storage.list_dir(root)
+    assert len(whole.files) == 17 and len(whole.dirs) == 1  # 16 tars + the unknown synset's; one synset folder
+    bucket, prefix = storage.split_s3(root)
+    pages = storage.s3_client().get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix + "/", Delimiter="/", PaginationConfig={"PageSize": 3})
+    assert len(list(pages)) == 6  # the server really pages
+    assert storage.list_dir(root, page_size=3) == whole
