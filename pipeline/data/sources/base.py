@@ -127,6 +127,7 @@ class Source:
 
     kind: ClassVar[str] = ""
     usage: ClassVar[str] = ""  # the spec's shape, for error messages and --help
+    rank: ClassVar[int] = 50  # where the kind comes in the list of kinds shown to the user
 
     spec: str  # normalised spec: part of the config hash
     classes: tuple[str, ...]
@@ -179,6 +180,6 @@ def parse_source(spec: str) -> Source:
     kind, _, rest = spec.strip().partition(":")
     cls = SOURCES.get(kind.strip().lower())
     if cls is None:
-        usages = ", ".join(c.usage for c in SOURCES.values())
+        usages = ", ".join(c.usage for c in sorted(SOURCES.values(), key=lambda c: c.rank))
         raise SourceError(f"unknown source {spec!r}: use one of {usages}")
     return cls.parse(rest)

@@ -19,6 +19,7 @@ from pipeline.data.sources.base import Item, Source, Unit, digest, int_option, p
 class Digits(Source):
     kind = "digits"
     usage = "digits[:size=32]"
+    rank = 20
 
     size: int = digits_mod.DEFAULT_SIZE
     rotations: int | None = None  # None: the 10-class label space
@@ -58,6 +59,7 @@ class Digits(Source):
 class Digits21k(Digits):
     kind = "digits21k"
     usage = "digits21k[:rotations=4,size=32]"
+    rank = 21
 
     @classmethod
     def parse(cls, rest: str) -> Digits21k:

@@ -49,6 +49,7 @@ def _image(index: int, classes: int, size: int) -> bytes:
 class Synthetic(Source):
     kind = "synthetic"
     usage = "synthetic:n=N,classes=C[,size=8,dup_every=K,bad_every=K] (benchmarks and tests)"
+    rank = 90
 
     n: int = 0
     size: int = 8

@@ -354,6 +354,7 @@ class TreeSource(Source):
 class ImageFolder(TreeSource):
     kind = "imagefolder"
     usage = "imagefolder:PATH|s3://bucket/prefix"
+    rank = 10
 
     @classmethod
     def parse(cls, rest: str) -> ImageFolder:
@@ -400,6 +401,7 @@ class _ImageNet(TreeSource):
 class ImageNet21k(_ImageNet):
     kind = "imagenet21k"
     usage = "imagenet21k:PATH|s3://bucket/prefix[,synsets=SUBSET]"
+    rank = 11
     default_subset = synsets_mod.IN21K_SUBSET
 
 
@@ -408,6 +410,7 @@ class ImageNet21k(_ImageNet):
 class ImageNet1k(_ImageNet):
     kind = "imagenet1k"
     usage = "imagenet1k:PATH|s3://bucket/prefix"
+    rank = 12
     default_subset = synsets_mod.IN1K_SUBSET
 
     @classmethod
