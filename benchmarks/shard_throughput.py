@@ -1,8 +1,8 @@
 """Throughput of the Ray sharding pipeline against a single-process loop doing the same work.
 
 Both sides run ``pipeline.data.shard_dataset`` on the same generated image folder (ImageNet-like
-JPEGs): ``executor="local"`` is the single-process loop (same scan, decode, resize, re-encode and
-MDS write code, one process), ``executor="ray"`` the Ray Data pipeline with ``--workers`` workers
+JPEGs): ``executor="local"`` is the single-process loop (same read, hash, decode, resize, re-encode
+and MDS write code, one process), ``executor="ray"`` Ray tasks (one per part) with ``--workers`` workers
 on an already started local Ray (its start-up, a one-off per job, is reported separately).
 Repeats are interleaved and medians reported; speed-up = ray / local images/s, scaling efficiency
 = speed-up / workers.
@@ -70,7 +70,7 @@ def run_once(source: str, out: str, executor: str, workers: int, max_side: int) 
     n = res.manifest["inputs"]["written"]
     return {"seconds": seconds, "images": n, "images_per_s": n / seconds, "cpu_s": cpu,
             "images_per_cpu_s": n / cpu, "cores_used": cpu / seconds,
-            "scan_s": run["scan_s"], "write_s": run["write_s"], "write_images_per_s": n / run["write_s"]}
+            "list_s": run["list_s"], "write_s": run["write_s"], "write_images_per_s": n / run["write_s"]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,14 +18,18 @@ import hashlib
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
+
+from pipeline.errors import UserError
 
 S3_SCHEME = "s3://"
 MAX_ATTEMPTS = int(os.environ.get("COATNET_S3_MAX_ATTEMPTS", "8"))
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """An object-store operation failed in a way the user must fix (credentials, bucket, path)."""
 
 
@@ -33,6 +37,16 @@ class StorageError(RuntimeError):
 class ObjectInfo:
     uri: str
     size: int
+    tag: str = field(default="", compare=False)  # S3 ETag, or the local file's mtime in ns: a change detector
+    sha256: str = field(default="", compare=False)  # known when this process just wrote the object
+
+
+@dataclass(frozen=True)
+class DirListing:
+    """The immediate children of a folder or prefix: sub-folder names and files, each sorted by name."""
+
+    dirs: list[str]
+    files: list[ObjectInfo]
 
 
 def is_remote(uri: str | os.PathLike) -> bool:
@@ -167,7 +181,7 @@ def upload_file(local: str | os.PathLike, uri: str, *, verify: bool = True) -> O
     s3_client().upload_file(str(local), bucket, key, ExtraArgs={"Metadata": {"sha256": digest}})
     if verify:
         _verify_remote(uri, size, digest)
-    return ObjectInfo(uri, size)
+    return ObjectInfo(uri, size, sha256=digest)
 
 
 def download_file(uri: str, local: str | os.PathLike) -> Path:
@@ -191,7 +205,8 @@ def list_objects(uri: str) -> Iterator[ObjectInfo]:
             return
         for p in sorted(root.rglob("*")):
             if p.is_file():
-                yield ObjectInfo(str(p), p.stat().st_size)
+                st = p.stat()
+                yield ObjectInfo(str(p), st.st_size, str(st.st_mtime_ns))
         return
     bucket, prefix = split_s3(uri)
     if prefix and not prefix.endswith("/"):
@@ -199,7 +214,88 @@ def list_objects(uri: str) -> Iterator[ObjectInfo]:
     paginator = s3_client().get_paginator("list_objects_v2")
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
-            yield ObjectInfo(f"{S3_SCHEME}{bucket}/{obj['Key']}", int(obj["Size"]))
+            yield ObjectInfo(f"{S3_SCHEME}{bucket}/{obj['Key']}", int(obj["Size"]), obj.get("ETag", "").strip('"'))
+
+
+def list_dir(uri: str, *, page_size: int | None = None) -> DirListing:
+    """The folders and files directly under ``uri`` (S3: ``Delimiter="/"``, every page of the listing).
+
+    A missing local folder or an empty prefix gives an empty listing; a missing bucket, denied access
+    or missing credentials raise botocore's errors (``access_problem`` turns them into a sentence).
+    """
+    if not is_remote(uri):
+        dirs, files = [], []
+        try:
+            entries = sorted(os.scandir(uri), key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return DirListing([], [])
+        for e in entries:
+            if e.is_dir():
+                dirs.append(e.name)
+            elif e.is_file():
+                st = e.stat()
+                files.append(ObjectInfo(e.path, st.st_size, str(st.st_mtime_ns)))
+        return DirListing(dirs, files)
+    bucket, prefix = split_s3(uri)
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    dirs, files = [], []
+    paginator = s3_client().get_paginator("list_objects_v2")
+    pages = {"PageSize": page_size} if page_size else {}  # S3 returns at most 1000 keys a page anyway
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/", PaginationConfig=pages):
+        dirs.extend(p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", []))
+        files.extend(ObjectInfo(f"{S3_SCHEME}{bucket}/{o['Key']}", int(o["Size"]), o.get("ETag", "").strip('"'))
+                     for o in page.get("Contents", []) if not o["Key"].endswith("/"))
+    return DirListing(sorted(dirs), sorted(files, key=lambda o: o.uri))
+
+
+def has_objects(uri: str) -> bool:
+    """Whether anything exists under ``uri`` (one request: a folder with entries, or a non-empty prefix)."""
+    if not is_remote(uri):
+        p = Path(uri)
+        return p.is_dir() and any(p.iterdir())
+    bucket, prefix = split_s3(uri)
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    return s3_client().list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1).get("KeyCount", 0) > 0
+
+
+@contextmanager
+def open_stream(uri: str) -> Iterator[BinaryIO]:
+    """A sequential reader of one object: one GET for S3 (botocore retries the request itself, not a
+    broken body: callers that stream long objects retry the whole read), a plain file locally."""
+    if not is_remote(uri):
+        with open(uri, "rb") as f:
+            yield f
+        return
+    bucket, key = split_s3(uri)
+    body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+    try:
+        yield body
+    finally:
+        body.close()
+
+
+def access_problem(e: BaseException, uri: str) -> str | None:
+    """A sentence for an object-store error the user must fix (no bucket, denied, no credentials, no
+    endpoint), or None for anything else (a transient error, a bug)."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    bucket = split_s3(uri)[0] if is_remote(uri) else ""
+    if isinstance(e, NoCredentialsError):
+        return (f"no AWS credentials to read {uri}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE "
+                "(or give the machine an instance role)")
+    if isinstance(e, EndpointConnectionError):
+        return f"cannot reach the S3 endpoint for {uri} ({e}): check S3_ENDPOINT_URL and the network"
+    if isinstance(e, ClientError):
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        if code in ("NoSuchBucket",):
+            return f"bucket {bucket!r} of {uri} does not exist: check the name (and S3_ENDPOINT_URL for S3-compatible stores)"
+        if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
+            return f"access to {uri} denied: check the credentials' permissions (s3:ListBucket, s3:GetObject) on bucket {bucket!r}"
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
+            return f"the AWS credentials were refused reading {uri} ({code}): refresh or fix them"
+    return None
 
 
 def relative(uri: str, root: str) -> str:

@@ -4,6 +4,11 @@ Each sub-command lives in its own module of this package and exposes
 ``register(subparsers)``; the module sets ``func`` on its parser. Modules are
 imported lazily so that ``coatnet models`` does not pay for importing Ray or
 DeepSpeed.
+
+Errors: a ``pipeline.errors.UserError`` (a missing or empty source, an unreadable bucket, an invalid
+config, too many bad inputs, ...) from any sub-command becomes one line on stderr,
+``coatnet <cmd>: <message>``, and exit status 2; an interrupt exits 130. Anything else is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -37,9 +42,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """``coatnet shard``, ``coatnet shards verify``, ...: the words the user typed to reach the command."""
+    words = [args.command]
+    action = getattr(args, f"{args.command}_command", None)
+    if action:
+        words.append(action)
+    return "coatnet " + " ".join(words)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from pipeline.errors import UserError
+
     args = build_parser().parse_args(argv)
-    rc = args.func(args)
+    try:
+        rc = args.func(args)
+    except UserError as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"{command_name(args)}: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{command_name(args)}: interrupted (an interrupted `coatnet shard` or training resumes when run "
+              "again)", file=sys.stderr)
+        return 130
     return int(rc or 0)
 
 

@@ -9,13 +9,15 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "shard",
         help="shard an image dataset into MDS shards (local or s3://) on Ray workers",
-        description="Scan, preprocess and write an image source as mosaicml-streaming shards with a manifest. "
-        "Writes OUT/cfg-<config hash>/ and points OUT/LATEST at it; re-running a finished config is a no-op, "
-        "an interrupted one resumes.",
+        description="Read, preprocess and write an image source (local or s3://) as mosaicml-streaming shards "
+        "with a manifest, on Ray workers that read their own tars and folders straight from the store. Writes "
+        "OUT/cfg-<config hash>/ and points OUT/LATEST at it; re-running a finished config is a no-op, an "
+        "interrupted one resumes.",
     )
     p.add_argument("--source", required=True,
-                   help="imagefolder:PATH | imagenet21k:PATH | imagenet1k:PATH | digits[:size=32] | "
-                        "digits21k[:rotations=4,size=32]")
+                   help="imagefolder:ROOT | imagenet21k:ROOT[,synsets=SUBSET] | imagenet1k:ROOT (ROOT: a path or "
+                        "s3://bucket/prefix) | digits[:size=32] | digits21k[:rotations=4,size=32] | "
+                        "synthetic:n=N,classes=C (benchmarks)")
     p.add_argument("--out", required=True, help="local directory or s3://bucket/prefix")
     p.add_argument("--max-side", type=int, default=320, help="shorter side is resized to at most this (default 320)")
     p.add_argument("--jpeg-quality", type=int, default=90)
@@ -25,9 +27,11 @@ def register(subparsers) -> None:
     p.add_argument("--ray-address", default=None, help="ray://host:10001 or auto; default RAY_ADDRESS or a local Ray")
     p.add_argument("--max-pixels", type=int, default=None, help="decompression-bomb limit (pixels)")
     p.add_argument("--max-bad-fraction", type=float, default=None, help="fail when more inputs are bad (default 0.05)")
+    p.add_argument("--part-size", type=int, default=None,
+                   help="about how many images one task writes (default: ~32 parts, at most 8192 images each)")
     p.add_argument("--local", action="store_true", help="run in this process, without Ray")
     p.add_argument("--restart", action="store_true", help="discard an unfinished run whose source changed")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=run)
 
 
@@ -38,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         "minival_fraction": args.minival_fraction,
         "max_pixels": args.max_pixels,
         "max_bad_fraction": args.max_bad_fraction,
+        "part_size": args.part_size,
     }
     result = shard_dataset(
         args.source,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipeline.cluster import sizing
 from pipeline.cluster.instances import GiB, InstanceType, get_instance
+from pipeline.errors import UserError
 
 DEFAULT_CONFIG = "configs/pretrain/coatnet_4_in21k.yaml"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -21,7 +22,7 @@ _NAME = re.compile(r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """A cluster spec that cannot work; the message says what to change."""
 
 

@@ -3,6 +3,7 @@
 Public API (contract in docs/architecture.md):
 
 * ``shard_dataset(source, out, ...) -> ShardResult`` (``.uri`` dataset root, ``.manifest``, ``.skipped``)
+* ``parse_source(spec) -> Source`` (one class per kind in ``SOURCES``)
 * ``load_manifest(uri) -> dict``, ``resolve_root(uri) -> str``, ``format_summary(manifest) -> str``
 * ``verify_shards(uri) -> VerifyReport`` (``.ok``, ``.errors``)
 * ``digits.write_digits(out_dir, size=32, rotations=None)``; ``digits.parent_map(rotations)``
@@ -12,16 +13,19 @@ Public API (contract in docs/architecture.md):
 from pipeline.data import digits, synsets
 from pipeline.data.config import ShardConfig
 from pipeline.data.job import ShardError, ShardResult, shard_dataset
-from pipeline.data.manifest import format_summary, load_manifest, resolve_root
+from pipeline.data.manifest import ManifestNotFound, format_summary, load_manifest, resolve_root
 from pipeline.data.preprocess import BadInput, preprocess
-from pipeline.data.sources import SourceError, parse_source
+from pipeline.data.sources import SOURCES, Source, SourceError, parse_source
 from pipeline.data.verify import VerifyReport, verify_shards
 
 __all__ = [
+    "SOURCES",
     "BadInput",
+    "ManifestNotFound",
     "ShardConfig",
     "ShardError",
     "ShardResult",
+    "Source",
     "SourceError",
     "VerifyReport",
     "digits",

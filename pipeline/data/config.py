@@ -7,11 +7,16 @@ import json
 from dataclasses import asdict, dataclass
 
 from pipeline.data.preprocess import DEFAULT_MAX_PIXELS
+from pipeline.errors import UserError
 
 # Bump when the layout or the preprocessing changes the bytes written for the same config.
 FORMAT_VERSION = 1
 DEFAULT_MINIVAL_FRACTION = 0.02
 DEFAULT_SHARD_SIZE = 1 << 26  # 64 MiB, streaming's default
+
+
+class ShardConfigError(UserError, ValueError):
+    """A sharding option out of range; rejected before any work."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ class ShardConfig:
         if self.shard_size_limit < 1 << 16:
             problems.append(f"shard_size_limit={self.shard_size_limit} (expected >= 64 KiB)")
         if problems:
-            raise ValueError("invalid shard config: " + "; ".join(problems))
+            raise ShardConfigError("invalid shard config: " + "; ".join(problems))
 
     def to_dict(self) -> dict:
         return asdict(self)

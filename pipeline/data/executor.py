@@ -1,23 +1,33 @@
-"""Where the scan and the writers run: a Ray cluster (Ray Data), or the current process.
+"""Where the tasks of a sharding job run: Ray tasks on a cluster, or a plain loop in this process.
+
+Both executors offer one operation, ``map(fn, items, *shared)``: call ``fn(item, *shared)`` for every
+item and yield ``(position, result)`` as results come in. ``shared`` values (the source, the config,
+the val hashes) go to Ray's object store once (``put``), not once per task.
 
 ``RayExecutor`` starts a small local Ray when no address is given (and shuts down only what it
-started), or joins ``ray_address`` / ``RAY_ADDRESS`` (``ray://...`` for a remote cluster, whose
-nodes must have this package installed). ``LocalExecutor`` runs the very same functions in a
-plain loop: the single-process baseline of the benchmark, and a fast path for tests that need
-a few shards without paying for a Ray start.
+started), or joins ``ray_address`` / ``RAY_ADDRESS`` (``ray://...`` for a remote cluster, whose nodes
+need this package and S3 credentials of their own). Plain tasks with the driver holding a bounded
+window of them in flight, rather than a Ray Data pipeline: a task is a whole part (seconds to a
+minute of work) with a small result, so there is nothing to stream between operators, and the window
+keeps exactly ``workers`` CPUs busy without the executor's own threads competing for them. Ray
+retries a task whose worker or node died (``max_retries``); a task's own user error (``UserError``)
+is re-raised as itself, so the command line prints its one line.
+
+``LocalExecutor`` runs the very same functions in a loop: the single-process baseline of the
+benchmarks, and the fast path of tests that do not need a Ray start.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
-from pipeline.data.sources import Source, scan_unit
-from pipeline.data.writer import write_part
+from pipeline.errors import UserError
 
 OBJECT_STORE_BYTES = 256 * 1024 * 1024
+TASK_RETRIES = 3  # a lost worker or node: the task runs again elsewhere (parts are idempotent)
 
 
 class LocalExecutor:
@@ -32,24 +42,24 @@ class LocalExecutor:
     def __exit__(self, *exc) -> None:
         return None
 
-    def scan(self, units: list[dict], source: Source) -> Iterator[dict]:
-        for unit in units:
-            yield from scan_unit(unit, source)
+    def put(self, obj: Any) -> Any:
+        return obj
 
-    def write(self, tasks: list[dict]) -> Iterator[dict]:
-        for task in tasks:
-            yield write_part(task)
+    def defer(self, fn: Callable, *args: Any) -> Any:
+        return fn(*args)
 
-
-def _scan_row(unit: dict, source: Source) -> list[dict]:
-    return [{"row": json.dumps(r)} for r in scan_unit(unit, source)]
+    def map(self, fn: Callable, items: Iterable, *shared: Any) -> Iterator[tuple[int, Any]]:
+        for i, item in enumerate(items):
+            yield i, fn(item, *shared)
 
 
-def _write_batch(batch: dict) -> dict:
-    import numpy as np
+def _call(fn: Callable, item: Any, endpoint: str | None, *shared: Any) -> Any:
+    if endpoint and os.environ.get("S3_ENDPOINT_URL") != endpoint:
+        from pipeline import storage
 
-    records = [json.dumps(write_part(json.loads(t))) for t in batch["task"]]
-    return {"record": np.array(records, dtype=object)}
+        os.environ["S3_ENDPOINT_URL"] = endpoint
+        storage.reset_clients()
+    return fn(item, *shared)
 
 
 class RayExecutor:
@@ -60,6 +70,7 @@ class RayExecutor:
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         self.started = False
         self.workers = workers or 1
+        self.cluster_cpus = 1
 
     def __enter__(self) -> RayExecutor:
         import ray
@@ -68,19 +79,12 @@ class RayExecutor:
             if self.address:
                 ray.init(address=self.address, logging_level=logging.WARNING)
             else:
-                ray.init(
-                    num_cpus=self.requested or os.cpu_count() or 1,
-                    include_dashboard=False,
-                    object_store_memory=OBJECT_STORE_BYTES,
-                    logging_level=logging.WARNING,
-                )
+                ray.init(num_cpus=self.requested or os.cpu_count() or 1, include_dashboard=False,
+                         object_store_memory=OBJECT_STORE_BYTES, logging_level=logging.WARNING)
             self.started = True
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.workers = max(1, min(self.requested or cpus, cpus))
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False  # our own bar counts images, not blocks
-        ctx.print_on_execution_start = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        self.cluster_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.workers = max(1, min(self.requested or self.cluster_cpus, self.cluster_cpus))
+        self._remote = ray.remote(_call).options(num_cpus=1, max_retries=TASK_RETRIES)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -89,23 +93,47 @@ class RayExecutor:
         if self.started:
             ray.shutdown()
 
-    def scan(self, units: list[dict], source: Source) -> Iterator[dict]:
+    def put(self, obj: Any) -> Any:
         import ray
 
-        ds = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), 8 * self.workers)))
-        ds = ds.flat_map(_scan_row, fn_kwargs={"source": source}, num_cpus=1)
-        for row in ds.iter_rows():
-            yield json.loads(row["row"])
+        return ray.put(obj)
 
-    def write(self, tasks: list[dict]) -> Iterator[dict]:
+    def defer(self, fn: Callable, *args: Any) -> Any:
+        """``fn(*args)`` run as a task; its result stays in the object store (a reference for later tasks)."""
+        from pipeline import storage
+
+        return self._remote.remote(fn, args[0], storage.endpoint_url(), *args[1:])
+
+    def map(self, fn: Callable, items: Iterable, *shared: Any) -> Iterator[tuple[int, Any]]:
         import ray
+        from ray.exceptions import RayTaskError
 
-        if not tasks:
-            return
-        ds = ray.data.from_items([{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
-        # Tasks on Ray's worker pool rather than an ActorPoolStrategy: the scan already warmed these
-        # workers (imports), and a part is coarse enough that per-task overhead does not matter.
-        ds = ds.map_batches(_write_batch, batch_size=1, num_cpus=1,
-                            compute=ray.data.TaskPoolStrategy(size=self.workers))
-        for row in ds.iter_rows():
-            yield json.loads(row["record"])
+        from pipeline import storage
+
+        # Exactly ``workers`` in flight caps the job at that many CPUs of a bigger cluster; when it may use
+        # the whole cluster, a second task per CPU hides the gap between one task's end and the next start.
+        window = self.workers * (2 if self.workers >= self.cluster_cpus else 1)
+        endpoint = storage.endpoint_url()
+        pending: dict[Any, int] = {}
+        queue = iter(enumerate(items))
+        try:
+            while True:
+                while len(pending) < window:
+                    nxt = next(queue, None)
+                    if nxt is None:
+                        break
+                    pending[self._remote.remote(fn, nxt[1], endpoint, *shared)] = nxt[0]
+                if not pending:
+                    return
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    i = pending.pop(ref)
+                    try:
+                        yield i, ray.get(ref)
+                    except RayTaskError as e:
+                        if isinstance(e.cause, UserError):
+                            raise e.cause from None
+                        raise
+        finally:
+            for ref in pending:  # an error or an interrupt: stop the work in flight, keep what is done
+                ray.cancel(ref, force=True)

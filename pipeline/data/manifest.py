@@ -1,10 +1,11 @@
 """``manifest.json``: what a dataset root holds, the record later stages and cache keys read.
 
-Keys (see docs/architecture.md): ``format``, ``source``, ``source_fingerprint``, ``config``,
-``config_hash``, ``classes``, ``num_classes``, ``classes_hash``, optional ``parent_classes`` and
-``parent_map`` (21K-shaped sources: pretraining label -> fine-tuning label), ``splits``
-(``{split: {samples, bytes, class_counts, shards, index}}``), ``shards`` (every object with
-size and sha256), ``inputs`` (listed / written / quarantined / bad_fraction), ``quarantined``
+Keys (see docs/architecture.md): ``format``, ``source``, ``source_fingerprint`` (content),
+``listing_fingerprint``, ``config``, ``config_hash``, ``classes``, ``num_classes``, ``classes_hash``,
+optional ``parent_classes`` and ``parent_map`` (21K-shaped sources: pretraining label -> fine-tuning
+label), ``splits`` (``{split: {samples, bytes, class_counts, parts, shards, index, masked}}``),
+``shards`` (every object with size and sha256), ``inputs`` (listed / written / quarantined /
+duplicates / masked / bad_fraction; written + quarantined + duplicates = listed), ``quarantined``
 (``[{key, path, kind, reason}]``), ``quarantine_counts``, ``columns``, ``code_version``,
 ``manifest_hash`` and ``run`` (timings; the only part left out of ``manifest_hash``, so the
 hash identifies the content, not the run).
@@ -21,11 +22,16 @@ import json
 from importlib import metadata
 
 from pipeline import storage
+from pipeline.errors import UserError
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
 FORMAT = "coatnet-shards/1"
 _UNHASHED = ("manifest_hash", "run")
+
+
+class ManifestNotFound(UserError, FileNotFoundError):
+    """No finished dataset at the given location."""
 
 
 def canonical_hash(obj) -> str:
@@ -50,7 +56,8 @@ def resolve_root(uri: str) -> str:
     pointer = storage.join(uri, LATEST)
     if storage.exists(pointer):
         return storage.join(uri, storage.read_text(pointer).strip())
-    raise FileNotFoundError(f"no {MANIFEST} at {uri} (nor a {LATEST} pointer): is the sharding job finished?")
+    raise ManifestNotFound(f"no {MANIFEST} at {uri} (nor a {LATEST} pointer): is the sharding job finished? "
+                           "(`coatnet shard` writes it last)")
 
 
 def load_manifest(uri: str) -> dict:
@@ -82,10 +89,11 @@ def format_summary(manifest: dict) -> str:
     for name, s in manifest["splits"].items():
         lines.append(f"{name:<10}{s['samples']:>10}{len(s['shards']):>8}{_fmt_bytes(s['bytes']):>14}")
     inputs = manifest["inputs"]
+    masked = f" ({inputs['masked']} masked in the shards)" if inputs.get("masked") else ""
     lines += [
         "",
         f"inputs    {inputs['listed']} listed, {inputs['written']} written, {inputs['quarantined']} quarantined "
-        f"({inputs['bad_fraction']:.2%})",
+        f"({inputs['bad_fraction']:.2%}), {inputs.get('duplicates', 0)} duplicates{masked}",
     ]
     for kind, n in sorted(manifest.get("quarantine_counts", {}).items()):
         lines.append(f"  {kind:<18}{n:>8}")

@@ -1,39 +1,58 @@
-"""From the scanned listing to disjoint, deterministic parts: quarantine, dedup, splits, seeded order.
+"""From the listed units to disjoint, deterministic parts: one task of work each.
 
-Every choice here is a pure function of the listing and the config (never of the number of
-workers or of the order in which the scan finished), so an interrupted job that is resumed
-recomputes exactly the same parts and only writes the missing ones.
+The driver plans per *unit* (a class folder or tar, a fixed range of a big folder), never per image:
+the plan's size grows with the number of classes, not of images. A part is a few units whose items
+add up to about ``part_size`` images; units are dealt to parts in a seeded order, so every part
+(and every MDS shard in it, once the writer has shuffled the part) mixes several classes.
+
+Every choice is a pure function of the listing and the config (never of the number of workers or
+of the order in which tasks finish), so an interrupted job that is resumed recomputes exactly the
+same parts and only writes the missing ones.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline.data.config import ShardConfig
+from pipeline.data.sources import Source, Unit, UnitProblem
+from pipeline.data.sources.base import digest
 
 SPLITS = ("train", "minival", "val")
+SOURCE_SPLITS = ("val", "train")  # val parts are written first: their hashes keep val images out of train
+DEFAULT_IMAGE_BYTES = 110_000  # ImageNet's mean file size: the item estimate of a tar before it is read
+TAR_MEMBER_MIN_BYTES = 512  # a tar member takes at least one header block: an upper bound on a tar's count
 
 
-def _h(text: str) -> str:
+def keyed(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Part:
+    split: str  # the source split of its units: "val", or "train" (which also yields minival)
+    part: int
+    units: tuple[Unit, ...]
+    estimate: int  # items, exact when every unit's count is known
+
+    @property
+    def unit_ids(self) -> list[str]:
+        return [u.range_id for u in self.units]
 
 
 @dataclass
 class Plan:
-    parts: list[dict]  # {"split", "part", "items": [row, ...]}
-    quarantined: list[dict]  # {"key", "path", "kind", "reason"} found by the scan and dedup
-    listed_files: int
-    fingerprint: str  # hash of the sorted (key, sha256) listing: the source's content identity
-    part_size: int
+    parts: list[Part]
+    problems: list[dict] = field(default_factory=list)  # unit-level quarantine records found by the listing
+    fingerprint: str = ""  # the listing's identity (names, sizes, ETags/mtimes): a resume sees a changed source
+    part_size: int = 0
+    estimated_items: int = 0
+    max_items: int = 0  # an upper bound of the items listed: exceeding the bad limit of it is certain failure
 
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = defaultdict(int)
-        for p in self.parts:
-            out[p["split"]] += len(p["items"])
-        return dict(out)
+    def split_parts(self, split: str) -> list[Part]:
+        return [p for p in self.parts if p.split == split]
 
 
 def auto_part_size(n: int) -> int:
@@ -41,53 +60,46 @@ def auto_part_size(n: int) -> int:
     return max(64, min(8192, math.ceil(n / 32)))
 
 
-def quarantine_record(row: dict, kind: str, reason: str) -> dict:
-    return {"key": row["key"], "path": row["path"], "kind": kind, "reason": reason}
+def problem_record(p: UnitProblem) -> dict:
+    return {"key": p.key, "path": p.path, "kind": p.kind, "reason": p.reason}
 
 
-def make_plan(rows: list[dict], config: ShardConfig, part_size: int | None = None) -> Plan:
-    rows = sorted(rows, key=lambda r: r["key"])
-    fingerprint = _h("\n".join(f"{r['key']}\t{r['sha256']}\t{r['error_kind']}" for r in rows))
-    quarantined: list[dict] = []
-    files = [r for r in rows if r["kind"] != "class"]
-    for r in rows:
-        if r["error_kind"]:
-            quarantined.append(quarantine_record(r, r["error_kind"], r["error"]))
-    good = [r for r in files if not r["error_kind"]]
-
-    # Duplicates: keep val copies over train ones (a val image must not also be trained on), then the first key.
-    seen: dict[str, str] = {}
-    unique = []
-    for r in sorted(good, key=lambda r: (r["split"] != "val", r["key"])):
-        first = seen.setdefault(r["sha256"], r["key"])
-        if first != r["key"]:
-            quarantined.append(quarantine_record(r, "duplicate", f"same bytes as {first}"))
+def make_plan(units: list[Unit], source: Source, config: ShardConfig, part_size: int | None = None) -> Plan:
+    units = sorted(units, key=lambda u: u.id)
+    fingerprint = digest(*(f"{u.id}:{u.n}:{u.nbytes}:{u.digest}" for u in units))
+    problems: list[dict] = []
+    good: list[Unit] = []
+    for u in units:
+        if u.name and source.label_of(u.name) < 0:
+            problems.append(problem_record(UnitProblem(u.id, u.uri, "unknown_class",
+                                                       f"{u.name!r} is not in the class list ({source.kind})")))
+        elif u.n == 0:
+            problems.append(problem_record(UnitProblem(u.id, u.uri, "empty_class", "class folder has no files")))
         else:
-            unique.append(r)
+            good.append(u)
 
-    # minival: a seeded, per-class share of train *groups* (all rotations of a digits sample stay together).
-    by_class: dict[int, set[str]] = defaultdict(set)
-    for r in unique:
-        if r["split"] == "train":
-            by_class[r["label"]].add(r["group"])
-    minival_groups: set[str] = set()
-    if config.minival_fraction > 0:
-        for groups in by_class.values():
-            if len(groups) < 2:
-                continue
-            order = sorted(groups, key=lambda g: _h(f"minival:{config.seed}:{g}"))
-            minival_groups.update(order[: max(1, round(config.minival_fraction * len(order)))])
+    known = [u for u in good if u.n > 0 and u.nbytes > 0]
+    mean_bytes = sum(u.nbytes for u in known) / sum(u.n for u in known) if known else DEFAULT_IMAGE_BYTES
 
-    by_split: dict[str, list[dict]] = defaultdict(list)
-    for r in unique:
-        split = "val" if r["split"] == "val" else ("minival" if r["group"] in minival_groups else "train")
-        by_split[split].append(r)
+    def estimate(u: Unit) -> int:
+        return u.n if u.n >= 0 else max(1, round(u.nbytes / mean_bytes))
 
-    size = part_size or auto_part_size(len(unique))
-    parts = []
-    for split in SPLITS:
-        # The seeded shuffle: order by a keyed hash, independent of how the listing was produced.
-        items = sorted(by_split.get(split, []), key=lambda r: _h(f"order:{config.seed}:{r['key']}"))
-        for i in range(0, len(items), size):
-            parts.append({"split": split, "part": i // size, "items": items[i:i + size]})
-    return Plan(parts, quarantined, len(files), fingerprint, size)
+    ranges = [r for u in good for r in u.ranges()]
+    total = sum(estimate(r) for r in ranges)
+    max_items = sum(r.n if r.n >= 0 else max(1, r.nbytes // TAR_MEMBER_MIN_BYTES) for r in ranges)
+    size = part_size or auto_part_size(total)
+    parts: list[Part] = []
+    for split in SOURCE_SPLITS:
+        # The seeded deal: units in the order of a keyed hash, packed greedily up to ``size`` items a part.
+        chosen = sorted((r for r in ranges if r.split == split),
+                        key=lambda r: keyed(f"unit:{config.seed}:{r.range_id}"))
+        packed: list[list[Unit]] = [[]]
+        counts = [0]
+        for r in chosen:
+            if counts[-1] >= size:
+                packed.append([])
+                counts.append(0)
+            packed[-1].append(r)
+            counts[-1] += estimate(r)
+        parts += [Part(split, i, tuple(us), c) for i, (us, c) in enumerate(zip(packed, counts)) if us]
+    return Plan(parts, problems, fingerprint, size, total, max_items)

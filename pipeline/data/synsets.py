@@ -17,7 +17,7 @@ IN1K_SUBSET = "imagenet-1k"
 @functools.cache
 def synsets(subset: str) -> tuple[str, ...]:
     """The synsets of a timm ImageNet subset, in label order (e.g. ``imagenet-22k``, ``imagenet-1k``)."""
-    from timm.data import ImageNetInfo  # imported here: timm pulls in torch, which the scan workers need not
+    from timm.data import ImageNetInfo  # imported here: timm pulls in torch, which the listing need not
 
     return tuple(ImageNetInfo(subset).label_names())
 

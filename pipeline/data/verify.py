@@ -68,10 +68,23 @@ def verify_shards(uri: str) -> VerifyReport:
         report.samples[split] = samples
         if samples != info["samples"]:
             report.errors.append(f"{split}: index has {samples} samples, manifest {info['samples']}")
+        masked = info.get("masked", [])
+        if masked and (masked != sorted(set(masked)) or masked[0] < 0 or masked[-1] >= info["samples"]):
+            report.errors.append(f"{split}: masked sample indices are not sorted, unique and within 0..{info['samples'] - 1}")
         if sum(info["class_counts"]) != info["samples"]:
             report.errors.append(f"{split}: per-class counts sum to {sum(info['class_counts'])}, not {info['samples']}")
         listed = {f"{split}/{s['raw_data']['basename']}" for s in index["shards"]}
         if listed != set(info["shards"]):
             report.errors.append(f"{split}: index shards differ from the manifest's: "
                                  f"{sorted(listed ^ set(info['shards']))[:5]}")
+    inputs = manifest.get("inputs", {})
+    if "duplicates" in inputs:
+        physical = sum(info["samples"] for info in manifest["splits"].values())
+        masked = sum(len(info.get("masked", [])) for info in manifest["splits"].values())
+        if inputs["written"] + inputs["quarantined"] + inputs["duplicates"] != inputs["listed"]:
+            report.errors.append(f"inputs: {inputs['written']} written + {inputs['quarantined']} quarantined + "
+                                 f"{inputs['duplicates']} duplicates != {inputs['listed']} listed")
+        if physical - masked != inputs["written"] or masked != inputs.get("masked", 0):
+            report.errors.append(f"inputs: {physical} samples in the splits less {masked} masked != "
+                                 f"{inputs['written']} written")
     return report

@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 
 from pipeline import storage
+from pipeline.errors import UserError
 
 LATEST = "latest"
 _TAG_FILES = re.compile(r"^(zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt|mp_rank_\d+_model_states\.pt|"
                         r"bf16_zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt|complete\.json)$")
 
 
-class CheckpointNotFound(FileNotFoundError):
+class CheckpointNotFound(UserError, FileNotFoundError):
     """No DeepSpeed checkpoint where one was expected."""
 
 

@@ -24,13 +24,14 @@ import torch
 import torch.distributed as dist
 
 from pipeline import storage
+from pipeline.errors import UserError
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 COMPLETE = "complete.json"
 LATEST = "latest"
 
 
-class ResumeError(RuntimeError):
+class ResumeError(UserError, RuntimeError):
     """The checkpoint cannot be resumed as asked (different recipe, incomplete, missing)."""
 
 

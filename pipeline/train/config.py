@@ -28,8 +28,10 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from pipeline.train.known_datasets import KNOWN_DATASETS
 
+from pipeline.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """The config is invalid; the message names the offending key."""
 
 

@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 from pipeline import storage
+from pipeline.errors import UserError
 from pipeline.tracking import resolve_tracking_uri
 from pipeline.train.config import (
     ConfigError,
@@ -41,7 +42,7 @@ FORWARDED_ENV = ("S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_U
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """A rank failed; the message carries the tail of its log."""
 
 

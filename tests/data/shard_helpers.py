@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import io
 import os
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -13,12 +14,19 @@ from urllib.parse import urlparse
 
 class FaultyProxy:
     """An HTTP proxy in front of the S3 server that fails every ``fail_every``-th request with a 503
-    (S3's "SlowDown") and can delay every request: a real failure path for the client's retries."""
+    (S3's "SlowDown"), can delay every request, (``deny=True``) answer every request with S3's 403
+    AccessDenied as a bucket policy would, or (``break_every``) cut a tar's body off half-way: real
+    failure paths for the client's retries and errors."""
 
-    def __init__(self, upstream: str, fail_every: int = 0, delay_s: float = 0.0):
+    def __init__(self, upstream: str, fail_every: int = 0, delay_s: float = 0.0, deny: bool = False,
+                 break_every: int = 0):
         self.upstream = urlparse(upstream)
         self.fail_every = fail_every
         self.delay_s = delay_s
+        self.deny = deny
+        self.break_every = break_every  # every n-th GET of a .tar: half the body, then the connection drops
+        self.tar_gets = 0
+        self.broken = 0
         self.requests = 0
         self.failed = 0
         self._lock = threading.Lock()
@@ -50,9 +58,10 @@ class FaultyProxy:
                     proxy.failed += bool(fail)
                 if proxy.delay_s:
                     threading.Event().wait(proxy.delay_s)
-                if fail:
-                    msg = b"<Error><Code>SlowDown</Code><Message>injected by the test proxy</Message></Error>"
-                    self.send_response(503)
+                if fail or proxy.deny:
+                    code, status = ("AccessDenied", 403) if proxy.deny else ("SlowDown", 503)
+                    msg = f"<Error><Code>{code}</Code><Message>injected by the test proxy</Message></Error>".encode()
+                    self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(msg)))
                     self.end_headers()
@@ -76,7 +85,18 @@ class FaultyProxy:
                 length = resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
                 self.send_header("Content-Length", length)
                 self.end_headers()
-                if self.command != "HEAD":
+                cut = False
+                if self.command == "GET" and proxy.break_every and self.path.split("?")[0].endswith(".tar"):
+                    with proxy._lock:
+                        proxy.tar_gets += 1
+                        cut = proxy.tar_gets % proxy.break_every == 0
+                        proxy.broken += cut
+                if cut:
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                elif self.command != "HEAD":
                     self.wfile.write(data)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
@@ -129,3 +149,42 @@ def read_split(root: str, split: str, tmp_path) -> list[dict]:
     ds = StreamingDataset(remote=storage.join(root, split), local=str(tmp_path / f"cache-{split}-{os.urandom(4).hex()}"),
                           shuffle=False, batch_size=1)
     return [ds[i] for i in range(len(ds))]
+
+
+def tar_bytes(members: dict[str, bytes]) -> bytes:
+    """An uncompressed tar holding ``members`` (name -> bytes), in that order."""
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def all_keys(res, tmp_path) -> list[str]:
+    return [s["key"] for split in res.manifest["splits"] for s in read_split(res.uri, split, tmp_path)]
+
+
+def check_accounting(res, raw: dict, tmp_path) -> None:
+    """Every image of the ``in21k_bucket`` release is accounted for, once: written + quarantined + duplicates = listed."""
+    from pipeline.data import verify_shards
+
+    m = res.manifest
+    expected = raw["expected"]
+    inputs = m["inputs"]
+    assert inputs["listed"] == len(expected)
+    assert inputs["written"] + inputs["quarantined"] + inputs["duplicates"] == inputs["listed"]
+    assert inputs["quarantined"] == sum(v == "quarantined" for v in expected.values()) == 2
+    assert inputs["duplicates"] == 1
+    keys = all_keys(res, tmp_path)
+    masked = sum(len(split["masked"]) for split in m["splits"].values())
+    physical = set(keys)
+    assert len(keys) == len(physical)  # no sample twice
+    unique = physical - {q["key"] for q in m["quarantined"] if q["kind"] == "duplicate"}
+    assert unique == {k for k, v in expected.items() if v == "written"}
+    assert len(unique) == inputs["written"] and masked == inputs["masked"]
+    assert {q["kind"] for q in m["quarantined"]} >= {"unknown_class", "empty_file", "duplicate"}
+    assert verify_shards(res.uri).ok

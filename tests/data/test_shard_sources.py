@@ -1,4 +1,4 @@
-"""Source parsing and scanning: ImageNet-style trees get timm's synset indices; digits splits are honest."""
+"""Sources: parsing, listing and reading; ImageNet-style trees get timm's synset indices; digits splits are honest."""
 
 from __future__ import annotations
 
@@ -10,12 +10,27 @@ from shard_helpers import read_split, write_image
 from pipeline.data import digits, shard_dataset, synsets
 from pipeline.data.config import ShardConfig
 from pipeline.data.plan import make_plan
-from pipeline.data.sources import SourceError, list_units, parse_source, read_item, scan_unit
+from pipeline.data.sources import SOURCES, Item, SourceError, UnitProblem, parse_source
+from pipeline.data.writer.shard import Sample, _assign
 
 
-def _scan(spec: str) -> tuple[list[dict], object]:
+def _read(spec: str):
+    """Every item and unit problem of a source, as the writers would read them; and the source."""
     src = parse_source(spec)
-    return [r for u in list_units(src) for r in scan_unit(u, src)], src
+    units = [src.describe(u) for u in src.list_units()]
+    plan = make_plan(units, src, ShardConfig(src.spec))
+    out = [x for p in plan.parts for u in p.units for x in src.read(u)]
+    items = [x for x in out if isinstance(x, Item)]
+    problems = [x for x in out if isinstance(x, UnitProblem)] + [UnitProblem(**q) for q in plan.problems]
+    return items, problems, src
+
+
+def test_every_source_kind_is_a_registered_class():
+    assert set(SOURCES) == {"imagefolder", "imagenet21k", "imagenet1k", "digits", "digits21k", "synthetic"}
+    src = parse_source("synthetic:n=10,classes=3,dup_every=4")
+    assert type(src) is SOURCES["synthetic"] and src.spec == "synthetic:n=10,classes=3,size=8,dup_every=4"
+    items = sorted((x for u in src.list_units() for x in src.read(u)), key=lambda i: i.key)
+    assert len(items) == 10 and len({i.data for i in items}) == 8  # images 3 and 7 repeat 2 and 6
 
 
 def test_imagenet21k_tree_of_folders_and_tars_gets_timm_indices(tmp_path):
@@ -34,19 +49,18 @@ def test_imagenet21k_tree_of_folders_and_tars_gets_timm_indices(tmp_path):
     (root / names[99]).mkdir()  # empty class folder
     write_image(root / "n99999999" / "x.JPEG", 999)  # not a WordNet synset of the list
 
-    rows, src = _scan(f"imagenet21k:{root}")
+    items, problems, src = _read(f"imagenet21k:{root}")
     assert len(src.classes) == 21841 and src.classes[0] == names[0]
-    files = {r["key"]: r for r in rows if r["kind"] != "class"}
-    assert {r["label"] for r in files.values() if r["synset"] == folder_syn} == {7}
-    assert {r["label"] for r in files.values() if r["synset"] == tar_syn} == {12345}
-    assert {r["label"] for r in files.values() if r["synset"] == in1k_syn} == {names.index(in1k_syn)}
-    tar_rows = [r for r in files.values() if r["kind"] == "tar"]
-    assert len(tar_rows) == 4
-    # A tar member is read back by offset, byte-identical to the file that went in.
-    one = next(r for r in tar_rows if r["key"].endswith("b2.JPEG"))
-    assert read_item(one) == (tar_src / "b2.JPEG").read_bytes()
-    problems = {r["synset"]: r["error_kind"] for r in rows if r["kind"] == "class"}
-    assert problems == {names[99]: "empty_class", "n99999999": "unknown_class"}
+    files = {i.key: i for i in items}
+    assert {i.label for i in files.values() if i.synset == folder_syn} == {7}
+    assert {i.label for i in files.values() if i.synset == tar_syn} == {12345}
+    assert {i.label for i in files.values() if i.synset == in1k_syn} == {names.index(in1k_syn)}
+    tar_items = [i for i in files.values() if i.path.endswith(".tar")]
+    assert len(tar_items) == 4
+    # A tar member is read from the stream byte-identical to the file that went in.
+    one = next(i for i in tar_items if i.key.endswith("b2.JPEG"))
+    assert one.data == (tar_src / "b2.JPEG").read_bytes()
+    assert {p.key.split("/")[1]: p.kind for p in problems} == {names[99]: "empty_class", "n99999999": "unknown_class"}
     # The 1K synset maps to its 1K label through timm's lists.
     assert synsets.in21k_to_in1k_map()[names.index(in1k_syn)] == synsets.in1k_synsets().index(in1k_syn)
 
@@ -82,12 +96,12 @@ def test_imagenet1k_flat_val_with_loc_labels(tmp_path):
         f"ILSVRC2012_val_00000001,{in1k[10]} 1 2 3 4\n"
         f"ILSVRC2012_val_00000002,{in1k[999]} 1 2 3 4 {in1k[999]} 5 6 7 8\n"
     )
-    rows, src = _scan(f"imagenet1k:{root}")
-    by_key = {r["key"]: r for r in rows}
-    assert by_key[f"train/{in1k[3]}/t0.JPEG"]["label"] == 3
-    assert by_key["val/ILSVRC2012_val_00000001.JPEG"]["label"] == 10
-    assert by_key["val/ILSVRC2012_val_00000002.JPEG"]["label"] == 999
-    assert all(r["split"] == "val" for k, r in by_key.items() if k.startswith("val/"))
+    items, _, src = _read(f"imagenet1k:{root}")
+    by_key = {i.key: i for i in items}
+    assert by_key[f"train/{in1k[3]}/t0.JPEG"].label == 3
+    assert by_key["val/ILSVRC2012_val_00000001.JPEG"].label == 10
+    assert by_key["val/ILSVRC2012_val_00000002.JPEG"].label == 999
+    assert len(by_key) == 3
 
 
 def test_source_errors_are_immediate_and_say_what_to_fix(tmp_path):
@@ -104,39 +118,63 @@ def test_source_errors_are_immediate_and_say_what_to_fix(tmp_path):
     write_image(flat / "train" / synsets.in1k_synsets()[0] / "a.JPEG", 1)
     write_image(flat / "val" / "v.JPEG", 2)
     with pytest.raises(SourceError, match="labels"):
-        list_units(parse_source(f"imagenet1k:{flat}"))
+        parse_source(f"imagenet1k:{flat}").list_units()
+    with pytest.raises(SourceError, match="needs n= and classes="):
+        parse_source("synthetic:n=10")
 
 
 def test_digits_label_spaces_share_an_honest_val_split():
-    rows10, src10 = _scan("digits")
-    rows40, src40 = _scan("digits21k:rotations=4")
+    items10, _, src10 = _read("digits")
+    items40, _, src40 = _read("digits21k:rotations=4")
     assert len(src10.classes) == 10 and len(src40.classes) == 40
-    assert len(rows10) == digits.num_samples() and len(rows40) == 4 * digits.num_samples()
+    assert len(items10) == digits.num_samples() and len(items40) == 4 * digits.num_samples()
     assert src40.parent_map == tuple(label // 4 for label in range(40))
-    for r in rows40[:50]:
-        assert src40.parent_map[r["label"]] == int(r["synset"].split("_")[0])
+    for i in items40[:50]:
+        assert src40.parent_map[i.label] == int(i.synset.split("_")[0])
 
-    def sample(r):
-        return int(r["key"].rsplit("/", 1)[1])
+    def sample(key: str) -> int:
+        return int(key.rsplit("/", 1)[1])
 
-    plan10 = make_plan(rows10, ShardConfig(src10.spec, seed=1))
-    plan40 = make_plan(rows40, ShardConfig(src40.spec, seed=2))  # different seeds on purpose
-    split10 = {sample(r): p["split"] for p in plan10.parts for r in p["items"]}
-    split40: dict[int, set[str]] = {}
-    for p in plan40.parts:
-        for r in p["items"]:
-            split40.setdefault(sample(r), set()).add(p["split"])
-    val10 = {s for s, sp in split10.items() if sp == "val"}
+    def splits(items, src, seed: int) -> dict[int, set[str]]:
+        # What the writers do with a unit (a digit of a split): minival is a seeded share of its groups.
+        by_unit: dict[str, list] = {}
+        for i in items:
+            digit = i.label if src.parent_map is None else src.parent_map[i.label]
+            by_unit.setdefault(f"{i.key.split('/')[0]}/{digit}", []).append(i)
+        out: dict[int, set[str]] = {}
+        for unit, its in by_unit.items():
+            samples = [Sample(i.key, i.label, i.synset, i.path, i.group, unit, b"", 0, 0, False, 0) for i in its]
+            for split, chosen in _assign(samples, "val" if unit.startswith("val") else "train",
+                                         {"minival_fraction": 0.02, "seed": seed}).items():
+                for s in chosen:
+                    out.setdefault(sample(s.key), set()).add(split)
+        return out
+
+    split10, split40 = splits(items10, src10, seed=1), splits(items40, src40, seed=2)  # different seeds on purpose
+    val10 = {s for s, sp in split10.items() if sp == {"val"}}
     pretrain_seen = {s for s, sps in split40.items() if sps & {"train", "minival"}}
     assert val10 and not (val10 & pretrain_seen)
     assert all(len(sps) == 1 for sps in split40.values())  # rotations of a sample never straddle splits
     assert val10 == {s for s, sps in split40.items() if sps == {"val"}} == set(digits.val_indices())
-    assert {sp for sp in split10.values()} == {"train", "minival", "val"}
+    assert set().union(*split10.values()) == {"train", "minival", "val"}
 
 
 def test_write_digits_image_folder_round_trips_through_imagefolder(tmp_path):
     out = digits.write_digits(tmp_path / "dg", size=16)
-    rows, src = _scan(f"imagefolder:{out}")
+    items, _, src = _read(f"imagefolder:{out}")
     assert src.classes == tuple(str(d) for d in range(10))
-    assert len(rows) == digits.num_samples()
-    assert sum(r["split"] == "val" for r in rows) == len(digits.val_indices())
+    assert len(items) == digits.num_samples()
+    assert sum(i.key.startswith("val/") for i in items) == len(digits.val_indices())
+
+
+def test_a_bucket_listing_reads_every_page(in21k_bucket):
+    from pipeline import storage
+
+    root = in21k_bucket["source"].split(":", 1)[1]
+    whole = storage.list_dir(root)
+    assert len(whole.files) == 17 and len(whole.dirs) == 1  # 16 tars + the unknown synset's; one synset folder
+    bucket, prefix = storage.split_s3(root)
+    pages = storage.s3_client().get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix + "/", Delimiter="/", PaginationConfig={"PageSize": 3})
+    assert len(list(pages)) == 6  # the server really pages
+    assert storage.list_dir(root, page_size=3) == whole
