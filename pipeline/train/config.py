@@ -26,9 +26,8 @@ import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from pipeline.train.known_datasets import KNOWN_DATASETS
-
 from pipeline.errors import UserError
+from pipeline.train.known_datasets import KNOWN_DATASETS
 
 
 class ConfigError(UserError, ValueError):
