@@ -113,7 +113,9 @@ class CoAtNet(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters to exempt from weight decay: norms, biases, relative-position tables."""
-        return {n for n, p in self.named_parameters() if p.ndim <= 1 or n.endswith(TABLE_SUFFIX)}
+        # ds_shape: a ZeRO-3 partitioned parameter is an empty 1-D tensor that keeps its real shape there.
+        return {n for n, p in self.named_parameters()
+                if len(getattr(p, "ds_shape", p.shape)) <= 1 or n.endswith(TABLE_SUFFIX)}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
