@@ -4,6 +4,13 @@ Decoding and augmentation run in the DataLoader workers (``__getitem__``). Augme
 from a generator seeded by (run seed, epoch, sample id), so a sample gets the same crop whether
 the run was interrupted or not and whatever the number of ranks or workers; the global order
 comes from streaming's deterministic shuffle with a pinned ``num_canonical_nodes``.
+
+The train loader yields one batch per optimizer step and rank (micro-batch x accumulation), which
+``micro_batches`` splits by striding: micro-batch ``a`` takes every ``accum``-th sample. Streaming
+deals the samples of a global batch to the ranks by striding too, so micro-batch ``k`` of a step
+holds the global batch's samples ``k, k + M, k + 2M, ...`` (M micro-batches per step) on any
+number of ranks and nodes: BatchNorm statistics, MixUp pairs, and so the loss curve, stay the
+same when a run resumes on another world size with the same global batch.
 """
 
 from __future__ import annotations
@@ -72,6 +79,36 @@ class MixCollate:
         return batch
 
 
+class StepCollate:
+    """Collate one rank's batch of an optimizer step; MixUp/CutMix within each of its micro-batches."""
+
+    def __init__(self, accum: int, mix: Callable | None, seed: int) -> None:
+        self.accum = accum
+        self.mix = MixCollate(mix, seed) if mix else None
+
+    def __call__(self, rows: list[dict]) -> dict:
+        if self.mix is None:
+            return default_collate(rows)
+        micro = [self.mix(rows[a::self.accum]) for a in range(self.accum)]
+        batch = {}
+        for k in micro[0]:
+            if isinstance(micro[0][k], torch.Tensor):
+                v = torch.empty((len(rows), *micro[0][k].shape[1:]), dtype=micro[0][k].dtype)
+                for a, m in enumerate(micro):
+                    v[a::self.accum] = m[k]
+            else:
+                v = [None] * len(rows)
+                for a, m in enumerate(micro):
+                    v[a::self.accum] = m[k]
+            batch[k] = v
+        return batch
+
+
+def micro_batches(batch: dict, accum: int) -> list[dict]:
+    """The ``accum`` micro-batches of a step batch: micro-batch ``a`` takes samples ``a, a + accum, ...``."""
+    return [{k: v[a::accum] for k, v in batch.items()} for a in range(accum)]
+
+
 def cache_root(cfg: TrainConfig) -> Path:
     return Path(cfg.data.cache_dir or Path(cfg.output_dir, "cache"))
 
@@ -137,6 +174,8 @@ def release_stale_shared_memory(dirs: list[str]) -> int:
 
 
 def build_train_loader(cfg: TrainConfig, plan: Plan) -> StreamingDataLoader:
+    """Yields one batch per optimizer step (``micro_batches`` splits it), see the module docstring."""
+    step_batch = plan.micro_batch_size * plan.grad_accum_steps
     ds = ImageShards(
         transform=train_transform(cfg.augment, cfg.model.img_size),
         aug_seed=cfg.seed,
@@ -144,7 +183,7 @@ def build_train_loader(cfg: TrainConfig, plan: Plan) -> StreamingDataLoader:
         local=_local(cfg, "train", cfg.data.train_split),
         cache_limit=cfg.data.cache_limit,
         predownload=cfg.data.predownload,
-        batch_size=plan.micro_batch_size,
+        batch_size=step_batch,
         shuffle=True,
         shuffle_seed=cfg.seed if cfg.data.shuffle_seed is None else cfg.data.shuffle_seed,
         shuffle_algo=cfg.data.shuffle_algo,
@@ -153,13 +192,13 @@ def build_train_loader(cfg: TrainConfig, plan: Plan) -> StreamingDataLoader:
     mix = batch_mix(cfg.augment, plan.num_classes)
     return StreamingDataLoader(
         ds,
-        batch_size=plan.micro_batch_size,
+        batch_size=step_batch,
         num_workers=cfg.data.num_workers,
         prefetch_factor=cfg.data.prefetch_factor if cfg.data.num_workers else None,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
         drop_last=True,
-        collate_fn=MixCollate(mix, cfg.seed) if mix else None,
+        collate_fn=StepCollate(plan.grad_accum_steps, mix, cfg.seed),
         # Worker seeding must not draw from the global RNG: that would shift the dropout / drop-path
         # stream of a resumed run (its loader starts at another point of the RNG sequence).
         generator=torch.Generator().manual_seed(cfg.seed),

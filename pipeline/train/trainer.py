@@ -16,9 +16,15 @@ from streaming.base.util import clean_stale_shared_memory
 from pipeline.train import export
 from pipeline.train.checkpoint import CheckpointManager, tag_for
 from pipeline.train.config import Plan, TrainConfig, make_plan
-from pipeline.train.data import build_eval_loader, build_train_loader, local_dirs, release_stale_shared_memory
+from pipeline.train.data import (
+    build_eval_loader,
+    build_train_loader,
+    local_dirs,
+    micro_batches,
+    release_stale_shared_memory,
+)
 from pipeline.train.distributed import DistContext, setup_distributed
-from pipeline.train.ema import ModelEma
+from pipeline.train.ema import ShardedEma
 from pipeline.train.engine import build_model, initialize, input_dtype
 from pipeline.train.loss import build_loss
 from pipeline.train.metrics import MetricsSink, StepTimer, memory_gib, peak_tflops, throughput_metrics
@@ -65,9 +71,14 @@ def run(config: TrainConfig, *, resume: str = "auto", force_resume: bool = False
     ctx = setup_distributed()
     plan = make_plan(config, ctx.world_size)
     out = Path(config.output_dir)
+    ckpts = CheckpointManager(out / "checkpoints", keep_last=config.checkpoint.keep_last,
+                              upload_uri=config.checkpoint.upload_uri, rank=ctx.rank, local_rank=ctx.local_rank)
+    # Found before the engine is built: another world size resumes through a universal checkpoint.
+    found = ckpts.find(resume)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
-    engine, scheduler = initialize(build_model(config, plan), config, plan)
-    ema = ModelEma(engine.module, config.ema.decay, "cpu" if config.ema.device == "cpu" else None) \
+    engine, scheduler = initialize(build_model(config, plan), config, plan,
+                                   load_universal=bool(found and found.needs_universal(ctx.world_size)))
+    ema = ShardedEma(engine, config.ema.decay, "cpu" if config.ema.device == "cpu" else None) \
         if config.ema.decay else None
     if config.data.clean_stale_shared_memory:
         clean_stale_shared_memory()  # collective; every leftover on this node, other jobs' included
@@ -75,19 +86,17 @@ def run(config: TrainConfig, *, resume: str = "auto", force_resume: bool = False
         ctx.print(f"released streaming shared memory left by a crashed run ({n} set(s))", all_ranks=True)
     ctx.barrier()
     loader, eval_loader = build_train_loader(config, plan), build_eval_loader(config)
-    ckpts = CheckpointManager(out / "checkpoints", keep_last=config.checkpoint.keep_last,
-                              upload_uri=config.checkpoint.upload_uri, rank=ctx.rank, local_rank=ctx.local_rank)
     state, last_ckpt = TrainState(), None
     torch.manual_seed(config.seed + 1 + ctx.rank)  # each rank draws its own drop-path masks
-    if found := ckpts.find(resume):
-        last_ckpt = found[0] / found[1]
-        client = ckpts.load(engine, *found, config_hash=config.config_hash, world_size=ctx.world_size,
-                            force=force_resume)
+    if found:
+        last_ckpt = found.path
+        client = ckpts.load(engine, found, config_hash=config.config_hash, world_size=ctx.world_size,
+                            force=force_resume, ema=ema)
         state = TrainState(**client["train_state"])
         loader.load_state_dict(client["loader"])
-        if ema:
-            ema.load_state_dict(client["ema"])
-        ctx.print(f"resumed from {found[0] / found[1]} at step {state.step} (epoch {state.epoch})")
+        via = f" (written by {found.world_size} ranks: universal checkpoint)" \
+            if found.needs_universal(ctx.world_size) else ""
+        ctx.print(f"resumed from {found.path} at step {state.step} (epoch {state.epoch}){via}")
     sink = MetricsSink(out, enabled=ctx.rank == 0, mlflow_cfg=config.logging, run_name=config.name,
                        params={**_flat(config.to_dict()), **_flat(plan.to_dict(), "plan")}, run_id=state.mlflow_run_id)
     state.mlflow_run_id = sink.run_id
@@ -102,7 +111,7 @@ def run(config: TrainConfig, *, resume: str = "auto", force_resume: bool = False
         else min(plan.total_steps, state.step + config.train.stop_after_steps)
     bar = ctx.progress(total=plan.total_steps, initial=state.step, enabled=config.logging.progress_bar)
     while state.step < stop_at:
-        batches = iter(loader)  # a fresh epoch, or the rest of the resumed one
+        batches = (m for b in loader for m in micro_batches(b, plan.grad_accum_steps))  # this epoch's rest
         while state.step_in_epoch < plan.steps_per_epoch and state.step < stop_at:
             loss = train_step(engine, batches, loss_fn, dtype, ctx, timer, state, config, plan, ckpts)
             state.step += 1
@@ -110,7 +119,7 @@ def run(config: TrainConfig, *, resume: str = "auto", force_resume: bool = False
             if state.step_in_epoch == plan.steps_per_epoch:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
             if ema and state.step % config.ema.every_steps == 0:
-                ema.update(engine.module)
+                ema.update()
             window_loss.append(loss)
             bar.update(1)
             if state.step % config.logging.interval_steps == 0 or state.step == stop_at:
@@ -122,8 +131,8 @@ def run(config: TrainConfig, *, resume: str = "auto", force_resume: bool = False
                 timer.reset()
             if config.checkpoint.interval_steps and state.step % config.checkpoint.interval_steps == 0 or \
                     state.step == stop_at:
-                last_ckpt = ckpts.save(engine, state.step, client_state(loader, state, ema, config),
-                                       config_hash=config.config_hash, world_size=ctx.world_size)
+                last_ckpt = ckpts.save(engine, state.step, client_state(loader, state, config),
+                                       config_hash=config.config_hash, world_size=ctx.world_size, ema=ema)
             _maybe_lose_worker(state.step, ctx, out)
             if state.step_in_epoch == 0:
                 break  # end of epoch: the rest of this pass (less than a global batch) is dropped
@@ -195,15 +204,12 @@ def handle_nonfinite(loss, batch, engine, state: TrainState, config: TrainConfig
     )
 
 
-def client_state(loader, state: TrainState, ema: ModelEma | None, config: TrainConfig) -> dict:
+def client_state(loader, state: TrainState, config: TrainConfig) -> dict:
     loader_state = loader.state_dict()
     if state.step_in_epoch == 0:
         # The epoch ended with less than a global batch unread: resume at the start of the next one.
         loader_state = {**loader_state, "epoch": state.epoch, "sample_in_epoch": 0}
-    out = {"train_state": asdict(state), "loader": loader_state, "config_hash": config.config_hash}
-    if ema:
-        out["ema"] = ema.state_dict()
-    return out
+    return {"train_state": asdict(state), "loader": loader_state, "config_hash": config.config_hash}
 
 
 def log_window(engine, scheduler, timer: StepTimer, window_loss: list, ctx: DistContext, config: TrainConfig,
