@@ -262,10 +262,12 @@ class CheckpointManager:
                 "engine must be built for a universal checkpoint (engine.initialize(..., load_universal=True), "
                 "as ResumePoint.needs_universal says)")
         universal = self.universal(point)
+        groups = _hyperparameters(engine)
         _, client_state = engine.load_checkpoint(str(point.path), tag=UNIVERSAL, load_optimizer_states=True,
                                                  load_lr_scheduler_states=True)
         if client_state is None:
             raise ResumeError(f"DeepSpeed could not load the universal checkpoint {universal}")
+        _repair_universal_optimizer(engine, groups)
         # A universal load restores parameters and optimizer state only: buffers (BatchNorm statistics) come
         # from rank 0's module file, which the converter copied.
         name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if engine.zero_optimization_partition_weights() \
@@ -292,6 +294,32 @@ class CheckpointManager:
                 convert_to_universal(point.path)
             _barrier()
         return out
+
+
+def _repair_universal_optimizer(engine, groups: list[dict]) -> None:
+    """Undo two slips of DeepSpeed 0.19.8's ZeRO-3 universal load
+    (stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3), which make the first steps after an
+    elastic resume differ from the uninterrupted run's:
+
+    - every parameter group gets the first group's hyperparameters ("Generally, the hyperparameters of
+      each parameter should be the same"): weight decay on norms, biases and tables. The recipe's own
+      are put back (the config hash is the checkpoint's);
+    - every group's Adam ``step`` is one shared tensor, which AdamW increments in place once per group
+      and step: later groups see a step count too high in their bias correction. Each gets its own.
+    """
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    if engine.zero_optimization_partition_weights():
+        for group, saved in zip(opt.param_groups, groups):
+            group.update(saved)
+    for state in opt.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+
+
+def _hyperparameters(engine) -> list[dict]:
+    """Per optimizer parameter group, what the recipe sets (not the parameters, not the scheduled LR)."""
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    return [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in opt.param_groups]
 
 
 def convert_to_universal(step_dir: Path) -> Path:
