@@ -77,3 +77,19 @@ def test_ema_without_zero_averages_the_parameters_and_round_trips():
     assert restored.num_updates == 1 and all(torch.equal(a, b) for a, b in zip(restored.shadow, ema.shadow))
     with pytest.raises(ValueError, match="does not fit"):
         restored.load_state_dict({"shadow": [torch.zeros(100)] * 3, "num_updates": 0})
+
+
+def test_elastic_ray_launch_checks_the_smallest_world(capsys):
+    from pathlib import Path
+
+    from pipeline.train.config import ConfigError, load_config
+    from pipeline.train.launcher import _check_elastic
+
+    demo = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "demo.yaml"
+    cfg = load_config(demo, ["train.global_batch_size=64", "train.micro_batch_size=16"], check_data=False)
+    _check_elastic(cfg, 1, 4)  # 1, 2 and 4 ranks split 64 into micro-batches of 16; 3 does not
+    assert "restart on 3 workers cannot split train.global_batch_size=64" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="train.global_batch_size"):
+        _check_elastic(cfg, 3, 4)
+    with pytest.raises(ConfigError, match="min_workers"):
+        _check_elastic(cfg, 5, 4)
