@@ -71,7 +71,9 @@ class ShardedEma:
     @torch.no_grad()
     def update(self) -> None:
         """shadow <- decay * shadow + (1 - decay) * master, for this rank's partition; no communication."""
-        masters = [m.to(self.device, torch.float32, non_blocking=True) for m in self._masters()]
+        # Device to host is copied blocking (a non-blocking one may not have landed when lerp reads it): with
+        # ema.device=cpu that is one host synchronisation per EMA update, the price of the GPU memory it saves.
+        masters = [m.to(self.device, torch.float32, non_blocking=self.device.type != "cpu") for m in self._masters()]
         torch._foreach_lerp_(self.shadow, masters, 1.0 - self.decay)
         self.num_updates += 1
 
