@@ -93,3 +93,31 @@ def test_elastic_ray_launch_checks_the_smallest_world(capsys):
         _check_elastic(cfg, 3, 4)
     with pytest.raises(ConfigError, match="min_workers"):
         _check_elastic(cfg, 5, 4)
+
+
+def test_zero_memory_benchmark_fits_replicated_plus_partitioned():
+    """benchmarks/zero_memory.py's summary: the worst rank per configuration, and bytes/param/rank = r + p / N."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "zero_memory.py"
+    spec = importlib.util.spec_from_file_location("zero_memory", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    p, base = 1000, 10_000
+
+    def row(world, rank, states, ema=False):
+        return {"stage": 3, "world": world, "ema": ema, "rank": rank, "params": p, "base": base,
+                "build": base + 1, "build_live": base, "initialize": base + 2, "initialize_live": base,
+                "step": base + 3, "states": states, "act_per_image": 5.0, "step_s": 1.0, "ema_s": 0.01,
+                "ema_numel": 0}
+
+    rows = [row(1, 0, 6 * p + 20 * p), row(2, 0, 6 * p + 10 * p), row(2, 1, 6 * p + 10 * p - 7),
+            row(1, 0, 30 * p, ema=True), row(2, 0, 18 * p, ema=True), row(2, 1, 18 * p, ema=True)]
+    s = bench.summarise(rows)
+    m = s["model"][3]
+    assert m["replicated"] == pytest.approx(6) and m["partitioned"] == pytest.approx(20)
+    assert m["ratio_2_to_1"] == pytest.approx(16 / 26)
+    assert m["ema_bytes_per_param_n1"] == pytest.approx(4) and m["ema_bytes_per_param_n2"] == pytest.approx(2)
+    assert s["ema_cost_ratio_median"] == pytest.approx(0.01)
+    assert len(s["table"]) == 4
