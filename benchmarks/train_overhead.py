@@ -1,18 +1,21 @@
-"""The trainer's overhead: its training step (DeepSpeed engine, ZeRO, finiteness check, loss sync)
-against a plain PyTorch step (forward, loss, backward, AdamW), same model, same batch, same process.
+"""The trainer's overhead: its training step (DeepSpeed engine, ZeRO, finiteness check) against a plain
+PyTorch step (forward, loss, backward, AdamW), same model, same batches, same process.
 
 Both sides see an identical in-memory batch, so data loading is excluded: this isolates what the
 trainer adds per step. Reported: median step time, images/s, achieved TFLOP/s (6 x analytic MACs),
-and the ratio trainer / plain images/s.
+the ratio trainer / plain images/s, and the host reads of device values per optimizer step (``item``,
+``tolist``, ``bool``/``float``/``int`` of a tensor: each one a host synchronisation on a GPU), counted
+over the whole step, DeepSpeed's own included. With ``--accum N`` a step is N micro-batches; the
+trainer's reads must not grow with N (one finiteness decision per step, the loss stays on the device).
 
     python benchmarks/train_overhead.py                                   # CPU: coatnet_pico @ 32, batch 64
+    python benchmarks/train_overhead.py --batch 16 --accum 4              # CPU: 4 micro-batches of 16 per step
     python benchmarks/train_overhead.py --model coatnet_2 --img-size 224 --batch 128 --zero 2   # one GPU, bf16
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -23,13 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import coatnet  # noqa: E402
-from pipeline.train.checkpoint import CheckpointManager  # noqa: E402
 from pipeline.train.config import TrainConfig, from_dict, make_plan  # noqa: E402
 from pipeline.train.distributed import setup_distributed  # noqa: E402
 from pipeline.train.engine import build_model, initialize, input_dtype  # noqa: E402
 from pipeline.train.loss import build_loss  # noqa: E402
-from pipeline.train.metrics import StepTimer  # noqa: E402
-from pipeline.train.trainer import TrainState, train_step  # noqa: E402
+from pipeline.train.step import TrainStep  # noqa: E402
 
 
 def _sync() -> None:
@@ -50,11 +51,44 @@ def _time(step, n: int, warmup: int) -> list[float]:
     return times
 
 
+_READS = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+
+def count_host_reads(fn, n: int) -> float:
+    """Calls of the tensor methods that copy a device value to the host, per call of ``fn``."""
+    count = 0
+    originals = {name: getattr(torch.Tensor, name) for name in _READS}
+
+    def counting(original):
+        def read(self, *args, **kwargs):
+            nonlocal count
+            count += 1
+            return original(self, *args, **kwargs)
+        return read
+
+    try:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, counting(original))
+        for _ in range(n):
+            fn()
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    return count / n
+
+
+def make_trainer_step(engine, loss_fn, dtype, ctx, plan):
+    step = TrainStep(engine, loss_fn, lambda b: (b["image"].to(dtype), b["label"]),
+                     grad_accum_steps=plan.grad_accum_steps, all_true=ctx.all_true, device=ctx.device)
+    return step
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="coatnet_pico")
     p.add_argument("--img-size", type=int, default=32)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64, help="micro-batch size")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--zero", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="timed steps per round")
@@ -68,7 +102,7 @@ def main() -> None:
 
     cfg: TrainConfig = from_dict({
         "data": {"root": "unused"}, "model": {"name": a.model, "img_size": a.img_size, "num_classes": a.classes},
-        "train": {"global_batch_size": a.batch, "max_steps": 10**6},
+        "train": {"global_batch_size": a.batch * a.accum, "micro_batch_size": a.batch, "max_steps": 10**6},
         "deepspeed": {"zero_stage": a.zero}, "logging": {"mlflow": False},
     })
     ctx = setup_distributed()
@@ -76,7 +110,8 @@ def main() -> None:
     dtype = input_dtype(cfg)
     x = torch.randn(a.batch, 3, a.img_size, a.img_size, device=ctx.device)
     y = torch.randint(0, a.classes, (a.batch,), device=ctx.device)
-    flops = 6 * coatnet.count(a.model, a.img_size, num_classes=a.classes)[1] * a.batch
+    images = a.batch * a.accum  # per optimizer step
+    flops = 6 * coatnet.count(a.model, a.img_size, num_classes=a.classes)[1] * images
 
     # Baseline: the plain step the paper's recipe implies (AdamW, clipping; bf16 autocast on GPU).
     torch.manual_seed(0)
@@ -85,23 +120,25 @@ def main() -> None:
     loss_fn = build_loss(cfg.loss)
 
     def plain_step() -> None:
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            loss = loss_fn(plain(x), y)
-        loss.backward()
+        total = torch.zeros((), device=ctx.device)
+        for _ in range(a.accum):
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                loss = loss_fn(plain(x), y)
+            (loss / a.accum).backward()
+            total += loss.detach()
         torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss.item()
+        total.item()  # the loss, read once per step
 
     torch.manual_seed(0)
     engine, _ = initialize(build_model(cfg, plan), cfg, plan)
     batch = {"image": x, "label": y, "key": ["k"] * a.batch}
     batches = iter(lambda: batch, None)
-    state, timer = TrainState(), StepTimer()
-    ckpts = CheckpointManager(Path(os.devnull), keep_last=1, upload_uri=None, rank=ctx.rank, local_rank=0)
+    step = make_trainer_step(engine, loss_fn, dtype, ctx, plan)
 
     def trainer_step() -> None:
-        train_step(engine, batches, loss_fn, dtype, ctx, timer, state, cfg, plan, ckpts)
+        step(batches)
 
     # Interleaved rounds, so that a change in machine load hits both sides alike.
     times: dict[str, list[float]] = {"plain PyTorch step": [], f"trainer (DeepSpeed ZeRO-{a.zero})": []}
@@ -111,16 +148,18 @@ def main() -> None:
     for _ in range(a.rounds):
         for name, fn in fns.items():
             times[name] += _time(fn, a.steps, 0)
+    reads = {name: count_host_reads(fn, 2) for name, fn in fns.items()}
     rows = []
     for name, ts in times.items():
         t = statistics.median(ts)
-        rows.append((name, t, a.batch / t, flops / t / 1e12))
+        rows.append((name, t, images / t, flops / t / 1e12, reads[name]))
     if ctx.rank == 0:
         dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
-        print(f"{a.model} @ {a.img_size}px, batch {a.batch}, {dev}, {a.rounds} x {a.steps} timed steps each (median)")
-        print(f"{'':34s} {'step ms':>9s} {'images/s':>9s} {'TFLOP/s':>8s}")
-        for name, t, ips, tf in rows:
-            print(f"{name:34s} {t * 1e3:9.1f} {ips:9.1f} {tf:8.3f}")
+        print(f"{a.model} @ {a.img_size}px, {a.accum} x {a.batch} images per step, {dev}, "
+              f"{a.rounds} x {a.steps} timed steps each (median)")
+        print(f"{'':34s} {'step ms':>9s} {'images/s':>9s} {'TFLOP/s':>8s} {'host reads/step':>16s}")
+        for name, t, ips, tf, r in rows:
+            print(f"{name:34s} {t * 1e3:9.1f} {ips:9.1f} {tf:8.3f} {r:16.1f}")
         print(f"ratio trainer / plain images/s: {rows[1][2] / rows[0][2]:.3f}")
 
 

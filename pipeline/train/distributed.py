@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,26 +53,24 @@ class DistContext:
 
         return tqdm(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True)
 
-    def all_finite(self, t: torch.Tensor) -> bool:
-        """True when ``t`` is finite on every rank (all ranks must agree to skip or stop together)."""
-        flag = torch.isfinite(t.detach()).all().to(torch.int32).reshape(1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+    def all_true(self, flag: torch.Tensor) -> bool:
+        """True when ``flag`` (a boolean on this rank's device) is true on every rank: one all-reduce, and the
+        one host synchronisation of an optimizer step (all ranks must agree to discard a step or go on)."""
+        t = flag.detach().to(self.device, torch.int32).reshape(1)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
 
-    def mean(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+    def mean(self, values: torch.Tensor) -> list[float]:
+        """The mean over ranks of each element of ``values`` (one all-reduce, one host synchronisation)."""
+        t = values.detach().to(self.device, torch.float64).clone().reshape(-1)
         dist.all_reduce(t)
-        return float(t.item()) / self.world_size
+        return (t / self.world_size).tolist()
 
     def gather(self, rows: list) -> list:
         parts: list = [None] * self.world_size
         dist.all_gather_object(parts, rows)
         return [r for part in parts for r in part]
 
-    def append_jsonl(self, path: Path, row: dict) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
 
 
 def setup_distributed() -> DistContext:

@@ -34,10 +34,11 @@ from pipeline.train.config import (
 from pipeline.train.trainer import RESULT_FILE, TrainResult
 
 LAUNCHERS = ("local", "torchrun", "deepspeed", "ray")
-# Variables a rank needs from the launching environment when it is not a child process (Ray workers).
+# Variables a rank needs from the launching environment when it is not a child process (Ray workers);
+# COATNET_CALLBACKS names the loop's callbacks (tests inject faults through it: pipeline/train/faults.py).
 FORWARDED_ENV = ("S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID",
                  "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_PROFILE",
-                 "DS_ACCELERATOR", "COATNET_FAULT_NONFINITE_STEP", "COATNET_FAULT_EXIT_STEP")
+                 "DS_ACCELERATOR", "COATNET_CALLBACKS")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -1,5 +1,8 @@
 """Training metrics: step timing (data wait vs compute), throughput, achieved TFLOP/s and
-utilisation, memory; console progress, MLflow (rank 0), a JSONL history and a curve PNG."""
+utilisation, memory; console progress, MLflow (rank 0), a JSONL history and a curve PNG.
+
+``TrainMetrics`` is the loop's side: it keeps the loss on the device between logs (no host sync per step);
+``MetricsSink`` is where rows go."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import json
 import math
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +160,57 @@ class MetricsSink:
         if self.mlflow:
             self.mlflow.end_run(status=status)
             self.mlflow = None
+
+
+class TrainMetrics:
+    """The training loop's metrics between two logs: steps, images, data wait, and the loss, which stays on the
+    device until a log reads it (one all-reduce for this step's loss and the window's mean).
+
+    ``mean(tensor) -> list[float]`` averages over ranks; ``log`` writes one row to the sink and the progress bar.
+    """
+
+    def __init__(self, sink: MetricsSink, *, mean: Callable[[torch.Tensor], list[float]],
+                 world_size: int, flops_per_image: float | None, peak_per_device: float | None, bar) -> None:
+        self.sink = sink
+        self.mean = mean
+        self.world_size = world_size
+        self.flops_per_image = flops_per_image
+        self.peak_per_device = peak_per_device
+        self.bar = bar
+        self.timer = StepTimer()
+        self.last: dict[str, float] = {}  # the latest row, evaluation included (the run's final metrics)
+        self._loss: torch.Tensor | None = None
+        self._window: torch.Tensor | None = None
+        self._window_steps = 0
+
+    def step_end(self, loss: torch.Tensor, *, applied: bool, images: int, data_wait: float) -> None:
+        self.timer.waited(data_wait)
+        self.timer.images += images * self.world_size
+        self.timer.steps += 1
+        self._loss = loss.detach().double()
+        if applied:  # a discarded step's loss is not finite; the window averages the steps taken
+            self._window = self._loss if self._window is None else self._window + self._loss
+            self._window_steps += 1
+        self.bar.update(1)
+
+    def log(self, step: int, extra: dict[str, Any]) -> dict[str, float]:
+        """This step's loss (so a resumed run logs the same curve), the mean since the last log, ``extra``,
+        throughput and memory."""
+        device_loss = self._loss if self._loss is not None else torch.tensor(float("nan"), dtype=torch.float64)
+        window = self._window / self._window_steps if self._window_steps else torch.full_like(device_loss, float("nan"))
+        loss, loss_window = self.mean(torch.stack([device_loss, window.to(device_loss.device)]))
+        self._window, self._window_steps = None, 0
+        m = {"loss": loss, "loss_window": loss_window, **extra,
+             **throughput_metrics(self.timer.window(), flops_per_image=self.flops_per_image,
+                                  peak_per_device=self.peak_per_device, world_size=self.world_size),
+             **memory_gib()}
+        self.timer.reset()
+        self.sink.log(step, m)
+        self.bar.set_postfix({k: f"{m[k]:.3g}" for k in ("loss", "lr", "images_per_s", "data_wait_frac") if k in m})
+        self.last = m
+        return m
+
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.sink.log(step, metrics)
+        self.last = self.last | metrics
+        self.timer.reset()  # evaluation time is not training throughput

@@ -1,11 +1,16 @@
-"""The training loop: one rank of a data-parallel DeepSpeed job. ``run`` reads top to bottom;
-the pieces (model/engine, data, checkpoints, metrics, EMA) live in their own modules."""
+"""The training loop: one rank of a data-parallel DeepSpeed job.
+
+``Trainer`` holds the parts (engine, loaders, checkpoints, metrics, EMA, callbacks, the loop's state), each behind
+its own small interface in its own module; ``Trainer.run`` is the loop and reads top to bottom. Periodic work
+decides its own cadence (``should_log``, ``should_eval``, ``should_save``); what is not training (fault injection
+for tests, sample recording) hangs on the loop's callbacks (``pipeline.train.callbacks``).
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import time
+import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from streaming.base.util import clean_stale_shared_memory
 
+from pipeline.train import callbacks as callbacks_
 from pipeline.train import export
+from pipeline.train.cadence import Cadence
 from pipeline.train.checkpoint import CheckpointManager, tag_for
-from pipeline.train.config import Plan, TrainConfig, make_plan
+from pipeline.train.config import TrainConfig, make_plan
 from pipeline.train.data import (
     build_eval_loader,
     build_train_loader,
@@ -23,13 +30,18 @@ from pipeline.train.data import (
     micro_batches,
     release_stale_shared_memory,
 )
-from pipeline.train.distributed import DistContext, setup_distributed
+from pipeline.train.distributed import setup_distributed
 from pipeline.train.ema import ShardedEma
 from pipeline.train.engine import build_model, initialize, input_dtype
 from pipeline.train.loss import build_loss
-from pipeline.train.metrics import MetricsSink, StepTimer, memory_gib, peak_tflops, throughput_metrics
+from pipeline.train.metrics import MetricsSink, TrainMetrics, peak_tflops
+from pipeline.train.state import TrainState
+from pipeline.train.step import StepResult, TrainStep
 
 RESULT_FILE = "result.json"
+PLAN_FILE = "plan.json"
+
+__all__ = ["RESULT_FILE", "NonFiniteLossError", "TrainResult", "TrainState", "Trainer", "run"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,221 +70,211 @@ class TrainResult:
         return cls(**json.loads(Path(output_dir, RESULT_FILE).read_text()))
 
 
-@dataclass
-class TrainState:
-    step: int = 0
-    epoch: int = 0
-    step_in_epoch: int = 0
-    nonfinite_skips: int = 0
-    mlflow_run_id: str | None = None
-
-
 def run(config: TrainConfig, *, resume: str = "auto", force_resume: bool = False) -> TrainResult:
-    ctx = setup_distributed()
-    plan = make_plan(config, ctx.world_size)
-    out = Path(config.output_dir)
-    ckpts = CheckpointManager(out / "checkpoints", keep_last=config.checkpoint.keep_last,
-                              upload_uri=config.checkpoint.upload_uri, rank=ctx.rank, local_rank=ctx.local_rank)
-    # Found before the engine is built: another world size resumes through a universal checkpoint.
-    found = ckpts.find(resume)
-    torch.manual_seed(config.seed)  # identical initial weights on every rank
-    engine, scheduler = initialize(build_model(config, plan), config, plan,
-                                   load_universal=bool(found and found.needs_universal(ctx.world_size)))
-    ema = ShardedEma(engine, config.ema.decay, "cpu" if config.ema.device == "cpu" else None) \
-        if config.ema.decay else None
-    if config.data.clean_stale_shared_memory:
-        clean_stale_shared_memory()  # collective; every leftover on this node, other jobs' included
-    elif ctx.local_rank == 0 and (n := release_stale_shared_memory(local_dirs(config))):
-        ctx.print(f"released streaming shared memory left by a crashed run ({n} set(s))", all_ranks=True)
-    ctx.barrier()
-    loader, eval_loader = build_train_loader(config, plan), build_eval_loader(config)
-    state, last_ckpt = TrainState(), None
-    torch.manual_seed(config.seed + 1 + ctx.rank)  # each rank draws its own drop-path masks
-    if found:
-        last_ckpt = found.path
-        client = ckpts.load(engine, found, config_hash=config.config_hash, world_size=ctx.world_size,
-                            force=force_resume, ema=ema)
-        state = TrainState(**client["train_state"])
-        loader.load_state_dict(client["loader"])
-        via = f" (written by {found.world_size} ranks: universal checkpoint)" \
-            if found.needs_universal(ctx.world_size) else ""
-        ctx.print(f"resumed from {found.path} at step {state.step} (epoch {state.epoch}){via}")
-    sink = MetricsSink(out, enabled=ctx.rank == 0, mlflow_cfg=config.logging, run_name=config.name,
-                       params={**_flat(config.to_dict()), **_flat(plan.to_dict(), "plan")}, run_id=state.mlflow_run_id)
-    state.mlflow_run_id = sink.run_id
-    sink.truncate(state.step)
-    ctx.print(f"plan: {json.dumps(plan.to_dict())}")
-    if ctx.rank == 0:
-        Path(out, "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
-
-    loss_fn, dtype = build_loss(config.loss), input_dtype(config)
-    timer, window_loss, metrics = StepTimer(), [], {}
-    stop_at = plan.total_steps if config.train.stop_after_steps is None \
-        else min(plan.total_steps, state.step + config.train.stop_after_steps)
-    bar = ctx.progress(total=plan.total_steps, initial=state.step, enabled=config.logging.progress_bar)
-    while state.step < stop_at:
-        batches = (m for b in loader for m in micro_batches(b, plan.grad_accum_steps))  # this epoch's rest
-        while state.step_in_epoch < plan.steps_per_epoch and state.step < stop_at:
-            loss = train_step(engine, batches, loss_fn, dtype, ctx, timer, state, config, plan, ckpts)
-            state.step += 1
-            state.step_in_epoch += 1
-            if state.step_in_epoch == plan.steps_per_epoch:
-                state.epoch, state.step_in_epoch = state.epoch + 1, 0
-            if ema and state.step % config.ema.every_steps == 0:
-                ema.update()
-            window_loss.append(loss)
-            bar.update(1)
-            if state.step % config.logging.interval_steps == 0 or state.step == stop_at:
-                metrics = log_window(engine, scheduler, timer, window_loss, ctx, config, plan, state, sink, bar)
-            if config.eval.interval_steps and state.step % config.eval.interval_steps == 0 or \
-                    state.step == plan.total_steps:
-                metrics |= evaluate(engine, eval_loader, config, ctx)
-                sink.log(state.step, {k: v for k, v in metrics.items() if k.startswith("eval_")})
-                timer.reset()
-            if config.checkpoint.interval_steps and state.step % config.checkpoint.interval_steps == 0 or \
-                    state.step == stop_at:
-                last_ckpt = ckpts.save(engine, state.step, client_state(loader, state, config),
-                                       config_hash=config.config_hash, world_size=ctx.world_size, ema=ema)
-            _maybe_lose_worker(state.step, ctx, out)
-            if state.step_in_epoch == 0:
-                break  # end of epoch: the rest of this pass (less than a global batch) is dropped
-        del batches
-    bar.close()
-
-    finished = state.step >= plan.total_steps
-    paths = export.export_all(engine, ema, config, plan, last_ckpt, out, ctx) if finished and last_ckpt else {}
-    png = sink.plot(f"{config.name} ({config.model.name})")
-    for p in (png, paths.get("model_config")):
-        sink.log_artifact(Path(p)) if p else None
-    result = TrainResult(output_dir=str(out), checkpoint_dir=str(ckpts.directory),
-                         last_checkpoint=str(last_ckpt) if last_ckpt else None, step=state.step,
-                         epoch=state.epoch, total_steps=plan.total_steps, finished=finished,
-                         config_hash=config.config_hash, final_metrics=metrics, mlflow_run_id=sink.run_id,
-                         curve_png=str(png) if png else None, **paths)
-    if ctx.rank == 0:
-        Path(out, RESULT_FILE).write_text(json.dumps(asdict(result), indent=2))
-    sink.close()
-    ctx.barrier()
-    return result
+    """Train in the current process group (one rank): resume, train to the plan's end, export."""
+    return Trainer(config, resume=resume, force_resume=force_resume).run()
 
 
-def train_step(engine, batches, loss_fn, dtype, ctx: DistContext, timer: StepTimer, state: TrainState,
-               config: TrainConfig, plan: Plan, ckpts: CheckpointManager) -> float:
-    """One optimizer step: ``grad_accum_steps`` micro-batches, forward/backward, then DeepSpeed's step."""
-    total, done = 0.0, 0
-    while done < plan.grad_accum_steps:
-        t0 = time.perf_counter()
-        batch = next(batches)
-        timer.waited(time.perf_counter() - t0)
-        x = batch["image"].to(ctx.device, dtype, non_blocking=True)
-        y = batch["label"].to(ctx.device, non_blocking=True)
-        loss = loss_fn(engine(x), y)
-        if _fault_injected(state.step) or not ctx.all_finite(loss):
-            handle_nonfinite(loss, batch, engine, state, config, ckpts, ctx)
-            continue  # the micro-batch is dropped; the next one takes its place
-        engine.backward(loss)
-        engine.step()
+class Trainer:
+    def __init__(self, config: TrainConfig, *, resume: str = "auto", force_resume: bool = False,
+                 callbacks: Iterable[callbacks_.Callback] = ()) -> None:
+        self.config = config
+        self.ctx = ctx = setup_distributed()
+        self.plan = plan = make_plan(config, ctx.world_size)
+        self.out = Path(config.output_dir)
+        self.checkpoints = CheckpointManager(self.out / "checkpoints", keep_last=config.checkpoint.keep_last,
+                                             upload_uri=config.checkpoint.upload_uri, rank=ctx.rank,
+                                             local_rank=ctx.local_rank)
+        # Found before the engine is built: another world size resumes through a universal checkpoint.
+        found = self.checkpoints.find(resume)
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        self.engine, self.scheduler = initialize(
+            build_model(config, plan), config, plan,  # under ZeRO-3 built partitioned
+            load_universal=bool(found and found.needs_universal(ctx.world_size)))
+        self.ema = ShardedEma(self.engine, config.ema.decay, "cpu" if config.ema.device == "cpu" else None) \
+            if config.ema.decay else None
+        self._release_stale_shared_memory()
+        self.loader, self.eval_loader = build_train_loader(config, plan), build_eval_loader(config)
+        self.state, self.last_checkpoint = TrainState(), None
+        torch.manual_seed(config.seed + 1 + ctx.rank)  # each rank draws its own drop-path masks
+        self.resume(found, force_resume)
+
+        stop_after = config.train.stop_after_steps
+        self.stop_at = plan.total_steps if stop_after is None else min(plan.total_steps, self.state.step + stop_after)
+        self.should_log = Cadence.every(config.logging.interval_steps, at=self.stop_at)
+        self.should_eval = Cadence.every(config.eval.interval_steps, at=plan.total_steps)
+        self.should_save = Cadence.every(config.checkpoint.interval_steps, at=self.stop_at)
+        self.should_update_ema = Cadence.every(config.ema.every_steps)
+        self.sink = MetricsSink(self.out, enabled=ctx.rank == 0, mlflow_cfg=config.logging, run_name=config.name,
+                                params={**_flat(config.to_dict()), **_flat(plan.to_dict(), "plan")},
+                                run_id=self.state.mlflow_run_id)
+        self.state.mlflow_run_id = self.sink.run_id
+        self.sink.truncate(self.state.step)
+        ctx.print(f"plan: {json.dumps(plan.to_dict())}")
+        if ctx.rank == 0:
+            Path(self.out, PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2))
+        self.dtype = input_dtype(config)
+        self.callbacks = callbacks_.Callbacks([*callbacks_.from_env(), *callbacks])
         if config.train.record_samples:
-            ctx.append_jsonl(Path(config.output_dir, "samples", f"rank{ctx.rank:05d}.jsonl"),
-                             {"step": state.step, "micro": done, "keys": list(batch["key"])})
-        total += loss.item()
-        done += 1
-        timer.images += x.shape[0] * ctx.world_size
-    timer.steps += 1
-    return total / plan.grad_accum_steps
+            self.callbacks.callbacks.append(callbacks_.RecordSamples(self.out, ctx.rank))
+        self.train_step = TrainStep(self.engine, build_loss(config.loss), self.inputs,
+                                    grad_accum_steps=plan.grad_accum_steps, all_true=ctx.all_true,
+                                    device=ctx.device, callbacks=self.callbacks, owner=self)
+        self.metrics = TrainMetrics(
+            self.sink, mean=ctx.mean, world_size=ctx.world_size, flops_per_image=plan.train_flops_per_image,
+            peak_per_device=peak_tflops(config.logging.peak_tflops),
+            bar=ctx.progress(total=plan.total_steps, initial=self.state.step, enabled=config.logging.progress_bar))
 
+    def run(self) -> TrainResult:
+        state = self.state
+        while state.step < self.stop_at:
+            # A fresh epoch, or the rest of the resumed one: one batch per step, split into micro-batches (data.py).
+            batches = (m for b in self.loader for m in micro_batches(b, self.plan.grad_accum_steps))
+            while state.step < self.stop_at:
+                result = self.train_step(batches, keep_batches=self._next_skip_is_fatal())
+                if not result.applied:
+                    self.skip_nonfinite(result)
+                state.advance(self.plan.steps_per_epoch)
+                if self.ema and self.should_update_ema(state.step):
+                    self.ema.update()
+                self.metrics.step_end(result.loss, applied=result.applied, images=result.images,
+                                      data_wait=result.data_wait)
+                if self.should_log(state.step):
+                    self.metrics.log(state.step, self.optimizer_metrics())
+                if self.should_eval(state.step):
+                    self.metrics.log_eval(state.step, self.evaluate())
+                if self.should_save(state.step):
+                    self.last_checkpoint = self.save_checkpoint()
+                self.callbacks.on_step_end(self)
+                if state.at_epoch_start:
+                    break  # end of epoch: the rest of this pass (less than a global batch) is dropped
+            del batches
+        return self.finish()
 
-def handle_nonfinite(loss, batch, engine, state: TrainState, config: TrainConfig, ckpts: CheckpointManager,
-                     ctx: DistContext) -> None:
-    state.nonfinite_skips += 1
-    where = f"step {state.step} (epoch {state.epoch})"
-    if state.nonfinite_skips <= config.train.max_nonfinite_skips:
-        ctx.print(f"non-finite loss at {where}: micro-batch skipped "
-                  f"({state.nonfinite_skips}/{config.train.max_nonfinite_skips})", all_ranks=True)
-        return
-    dump = Path(config.output_dir, "nonfinite", f"step{state.step:08d}_rank{ctx.rank:05d}.pt")
-    dump.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"loss": loss.detach().cpu(), "image": batch["image"], "label": batch["label"],
-                "key": list(batch["key"]), "step": state.step}, dump)
-    # The weights before this step, to reproduce it; tagged apart so resume "auto" never picks it up.
-    path = ckpts.save(engine, state.step, {"train_state": asdict(state)}, config_hash=config.config_hash,
-                      world_size=ctx.world_size, tag=f"nonfinite_{tag_for(state.step)}", mark_latest=False)
-    raise NonFiniteLossError(
-        f"non-finite loss ({loss.item()}) at {where} on some rank, after {state.nonfinite_skips - 1} skipped "
-        f"micro-batches (train.max_nonfinite_skips={config.train.max_nonfinite_skips}); weights before the step "
-        f"in {path}, the offending batches in {dump.parent}"
-    )
+    # -- the parts the loop calls ------------------------------------------------------------------
+    def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch as the model's input and target on this rank's device (training and evaluation alike)."""
+        return (batch["image"].to(self.ctx.device, self.dtype, non_blocking=True),
+                batch["label"].to(self.ctx.device, non_blocking=True))
 
+    def optimizer_metrics(self) -> dict[str, float]:
+        grad_norm = self.engine.get_global_grad_norm()
+        return {"lr": self.scheduler.get_last_lr()[0], "epoch": self.state.epoch,
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
 
-def client_state(loader, state: TrainState, config: TrainConfig) -> dict:
-    loader_state = loader.state_dict()
-    if state.step_in_epoch == 0:
-        # The epoch ended with less than a global batch unread: resume at the start of the next one.
-        loader_state = {**loader_state, "epoch": state.epoch, "sample_in_epoch": 0}
-    return {"train_state": asdict(state), "loader": loader_state, "config_hash": config.config_hash}
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Top-1 and cross-entropy on the eval split; padded duplicates across ranks are counted once."""
+        limit, ctx = self.config.eval.max_samples, self.ctx
+        self.engine.eval()
+        rows = []
+        n_batches = None if limit is None else -(-limit // (self.config.eval.batch_size * ctx.world_size))
+        for i, batch in enumerate(self.eval_loader):
+            if n_batches is not None and i >= n_batches:
+                break
+            x, y = self.inputs(batch)
+            logits = self.engine(x).float()
+            loss = F.cross_entropy(logits, y, reduction="none")
+            correct = logits.argmax(-1).eq(y)
+            rows += zip(batch["idx"].tolist(), loss.tolist(), correct.tolist())
+        self.engine.train()
+        unique = {idx: (loss, correct) for idx, loss, correct in ctx.gather(rows)}
+        if not unique:
+            return {}
+        n = len(unique)
+        return {"eval_loss": sum(v[0] for v in unique.values()) / n,
+                "eval_top1": sum(v[1] for v in unique.values()) / n, "eval_samples": n}
 
+    def save_checkpoint(self, *, tag: str | None = None, mark_latest: bool = True) -> Path:
+        """Collective. DeepSpeed's state (weights, optimizer, schedule) plus this trainer's ``state_dict``."""
+        # The sharded EMA is saved beside the engine's state (each rank its partition, in DeepSpeed's layout).
+        return self.checkpoints.save(self.engine, self.state.step, self.state_dict(),
+                                     config_hash=self.config.config_hash, world_size=self.ctx.world_size,
+                                     tag=tag, mark_latest=mark_latest, ema=self.ema)
 
-def log_window(engine, scheduler, timer: StepTimer, window_loss: list, ctx: DistContext, config: TrainConfig,
-               plan: Plan, state: TrainState, sink: MetricsSink, bar) -> dict:
-    # "loss" is this step's (so a resumed run logs the same curve); "loss_window" averages since the last log.
-    loss, loss_window = ctx.mean(window_loss[-1]), ctx.mean(sum(window_loss) / max(1, len(window_loss)))
-    window_loss.clear()
-    grad_norm = engine.get_global_grad_norm()
-    m = {"loss": loss, "loss_window": loss_window, "lr": scheduler.get_last_lr()[0], "epoch": state.epoch,
-         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-         **throughput_metrics(timer.window(), flops_per_image=plan.train_flops_per_image,
-                              peak_per_device=peak_tflops(config.logging.peak_tflops), world_size=ctx.world_size),
-         **memory_gib()}
-    timer.reset()
-    sink.log(state.step, m)
-    bar.set_postfix({k: f"{m[k]:.3g}" for k in ("loss", "lr", "images_per_s", "data_wait_frac") if k in m})
-    return m
+    def state_dict(self) -> dict:
+        """The checkpoint's client state: the loop's state, the loader's position (global: any world size)."""
+        loader_state = self.loader.state_dict()
+        if self.state.at_epoch_start:
+            # The epoch ended with less than a global batch unread: resume at the start of the next one.
+            loader_state = {**loader_state, "epoch": self.state.epoch, "sample_in_epoch": 0}
+        return {"train_state": self.state.state_dict(), "loader": loader_state, "config_hash": self.config.config_hash}
 
+    def load_state_dict(self, client: dict) -> None:
+        self.state.load_state_dict(client["train_state"])
+        self.loader.load_state_dict(client["loader"])
 
-@torch.no_grad()
-def evaluate(engine, loader, config: TrainConfig, ctx: DistContext) -> dict:
-    """Top-1 and cross-entropy on the eval split; padded duplicates across ranks are counted once."""
-    limit = config.eval.max_samples
-    engine.eval()
-    rows = []
-    n_batches = None if limit is None else -(-limit // (config.eval.batch_size * ctx.world_size))
-    for i, batch in enumerate(loader):
-        if n_batches is not None and i >= n_batches:
-            break
-        logits = engine(batch["image"].to(ctx.device, input_dtype(config))).float()
-        y = batch["label"].to(ctx.device)
-        loss = F.cross_entropy(logits, y, reduction="none")
-        correct = logits.argmax(-1).eq(y)
-        rows += zip(batch["idx"].tolist(), loss.tolist(), correct.tolist())
-    engine.train()
-    unique = {idx: (loss, correct) for idx, loss, correct in ctx.gather(rows)}
-    if not unique:
-        return {}
-    n = len(unique)
-    return {"eval_loss": sum(v[0] for v in unique.values()) / n,
-            "eval_top1": sum(v[1] for v in unique.values()) / n, "eval_samples": n}
+    def resume(self, found, force: bool) -> None:
+        """From ``found`` (``CheckpointManager.find``): engine, EMA and RNG through the checkpoint manager (a
+        universal checkpoint when the world size changed), then this trainer's client state."""
+        if found:
+            client = self.checkpoints.load(self.engine, found, config_hash=self.config.config_hash,
+                                           world_size=self.ctx.world_size, force=force, ema=self.ema)
+            self.load_state_dict(client)
+            self.last_checkpoint = found.path
+            via = f", written by {found.world_size} ranks: universal checkpoint" \
+                if found.needs_universal(self.ctx.world_size) else ""
+            self.ctx.print(f"resumed from {found.path} at step {self.state.step} (epoch {self.state.epoch}{via})")
 
+    # -- non-finite steps --------------------------------------------------------------------------
+    def _next_skip_is_fatal(self) -> bool:
+        # The step's batches are kept (for the dump) only when one more skip would stop the run.
+        return self.state.nonfinite_skips >= self.config.train.max_nonfinite_skips
 
-_INJECTED: set[int] = set()
+    def skip_nonfinite(self, result: StepResult) -> None:
+        """A discarded step (``step.py``): counted; past ``train.max_nonfinite_skips`` the run stops, leaving each
+        rank's batches of the step and the weights before it (the discarded step did not change them)."""
+        state, limit, ctx = self.state, self.config.train.max_nonfinite_skips, self.ctx
+        state.nonfinite_skips += 1
+        where = f"step {state.step} (epoch {state.epoch})"
+        if state.nonfinite_skips <= limit:
+            ctx.print(f"non-finite loss at {where}: optimizer step skipped ({state.nonfinite_skips}/{limit})",
+                      all_ranks=True)
+            return
+        losses = result.losses.tolist()
+        dump = Path(self.config.output_dir, "nonfinite", f"step{state.step:08d}_rank{ctx.rank:05d}.pt")
+        dump.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"step": state.step, "loss": result.losses.cpu(),
+                    "image": torch.cat([b["image"] for b in result.batches]),
+                    "label": torch.cat([b["label"] for b in result.batches]),
+                    "key": [k for b in result.batches for k in b["key"]]}, dump)
+        # Tagged apart, so that resume "auto" never picks it up.
+        path = self.save_checkpoint(tag=f"nonfinite_{tag_for(state.step)}", mark_latest=False)
+        what = "loss" if not all(map(math.isfinite, losses)) else "gradients (finite losses)"
+        raise NonFiniteLossError(
+            f"non-finite {what} ({', '.join(f'{v:.4g}' for v in losses)} on rank {ctx.rank}) at {where} on some "
+            f"rank, after {state.nonfinite_skips - 1} skipped steps (train.max_nonfinite_skips={limit}); weights "
+            f"before the step in {path}, each rank's batches of the step in {dump.parent}"
+        )
 
+    # -- the end -----------------------------------------------------------------------------------
+    def finish(self) -> TrainResult:
+        config, ctx, state = self.config, self.ctx, self.state
+        self.metrics.bar.close()
+        finished = state.step >= self.plan.total_steps
+        paths = export.export_all(self.engine, self.ema, config, self.plan, self.last_checkpoint, self.out, ctx) \
+            if finished and self.last_checkpoint else {}
+        png = self.sink.plot(f"{config.name} ({config.model.name})")
+        for p in (png, paths.get("model_config")):
+            if p:
+                self.sink.log_artifact(Path(p))
+        result = TrainResult(output_dir=str(self.out), checkpoint_dir=str(self.checkpoints.directory),
+                             last_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
+                             step=state.step, epoch=state.epoch, total_steps=self.plan.total_steps,
+                             finished=finished, config_hash=config.config_hash, final_metrics=self.metrics.last,
+                             mlflow_run_id=self.sink.run_id, curve_png=str(png) if png else None, **paths)
+        if ctx.rank == 0:
+            Path(self.out, RESULT_FILE).write_text(json.dumps(asdict(result), indent=2))
+        self.sink.close()
+        ctx.barrier()
+        return result
 
-def _fault_injected(step: int) -> bool:
-    # Fault injection for tests of the non-finite path (a NaN cannot be provoked reliably otherwise):
-    # the first micro-batch of step COATNET_FAULT_NONFINITE_STEP counts as non-finite on every rank.
-    if os.environ.get("COATNET_FAULT_NONFINITE_STEP") == str(step) and step not in _INJECTED:
-        _INJECTED.add(step)
-        return True
-    return False
-
-
-def _maybe_lose_worker(step: int, ctx: DistContext, out: Path) -> None:
-    # Fault injection for tests of launcher restarts: the last rank dies abruptly after step
-    # COATNET_FAULT_EXIT_STEP, once per output directory (as a lost machine would).
-    marker = out / ".fault-exit-done"
-    if os.environ.get("COATNET_FAULT_EXIT_STEP") == str(step) and ctx.rank == ctx.world_size - 1 \
-            and not marker.exists():
-        marker.touch()
-        os._exit(1)
+    def _release_stale_shared_memory(self) -> None:
+        if self.config.data.clean_stale_shared_memory:
+            clean_stale_shared_memory()  # collective; every leftover on this node, other jobs' included
+        elif self.ctx.local_rank == 0 and (n := release_stale_shared_memory(local_dirs(self.config))):
+            self.ctx.print(f"released streaming shared memory left by a crashed run ({n} set(s))", all_ranks=True)
+        self.ctx.barrier()
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -281,3 +283,4 @@ def _flat(d: dict, prefix: str = "") -> dict:
         key = f"{prefix}.{k}" if prefix else k
         out |= _flat(v, key) if isinstance(v, dict) and v else {key: v}
     return out
+

@@ -46,7 +46,7 @@ def test_zero2_two_ranks_from_s3_trains_checkpoints_and_exports(digits_shards, r
     out = tmp_path / "run"
     db = tmp_path / "mlflow.db"
     # A NaN injected at step 3 is skipped (budget 1), logged, and training goes on.
-    monkeypatch.setenv("COATNET_FAULT_NONFINITE_STEP", "3")
+    monkeypatch.setenv("COATNET_CALLBACKS", "pipeline.train.faults:NonFiniteLoss(step=3)")
     result = launch(recipe, tiny(digits_shards, out, "deepspeed.zero_stage=2", "train.max_steps=24",
                                  "checkpoint.interval_steps=10", "checkpoint.keep_last=2",
                                  "checkpoint.upload_uri=" + digits_shards.rsplit("/", 2)[0] + "/ckpt-z2",
@@ -117,7 +117,7 @@ def test_crash_and_resume_is_sample_exact(reference_run, tmp_path, monkeypatch):
     assert ref.finished and ref_losses[8] < ref_losses[2]
     out = tmp_path / "run"
     mine = [o for o in overrides if not o.startswith("output_dir=")] + [f"output_dir={out}"]
-    monkeypatch.setenv("COATNET_FAULT_NONFINITE_STEP", "5")
+    monkeypatch.setenv("COATNET_CALLBACKS", "pipeline.train.faults:NonFiniteLoss(step=5)")
     with pytest.raises(LaunchError, match=r"non-finite loss .* at step 5 \(epoch 1\)"):
         launch(recipe, [*mine, "train.max_nonfinite_skips=0"], launcher="local", nproc=2, resume="none")
     # What is needed to inspect it was saved; the resumable checkpoint is still step 4.
@@ -125,7 +125,7 @@ def test_crash_and_resume_is_sample_exact(reference_run, tmp_path, monkeypatch):
         ["step00000005_rank00000.pt", "step00000005_rank00001.pt"]
     assert Path(out, "checkpoints", "nonfinite_step_00000005", "complete.json").is_file()
     assert Path(out, "checkpoints", "latest").read_text() == "step_00000004"
-    monkeypatch.delenv("COATNET_FAULT_NONFINITE_STEP")
+    monkeypatch.delenv("COATNET_CALLBACKS")
     resumed = launch(recipe, mine, launcher="deepspeed", nproc=2, resume="auto")
     assert resumed.finished and resumed.step == 8
     # Same weights and the same loss curve as the run never stopped.
@@ -159,7 +159,7 @@ def test_ray_train_launcher_restarts_a_lost_worker_and_matches_reference(referen
     mine = [o for o in overrides if not o.startswith("output_dir=")] + [f"output_dir={out}"]
     from pipeline.train.launcher import RayOptions
 
-    monkeypatch.setenv("COATNET_FAULT_EXIT_STEP", "6")
+    monkeypatch.setenv("COATNET_CALLBACKS", "pipeline.train.faults:LoseWorker(step=6)")
     result = launch(recipe, mine, launcher="ray", nproc=2,
                     ray=RayOptions(num_cpus=2, cpus_per_worker=1, max_failures=1), resume="none")
     # "none" held for the first attempt only: the restart continued from the checkpoint, not from step 0.

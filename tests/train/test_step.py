@@ -1,0 +1,104 @@
+"""One optimizer step on a real DeepSpeed engine (one CPU rank, ZeRO 0-3): a step with a non-finite loss is
+discarded whole and leaves no trace, and the step makes one host synchronisation however many micro-batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Run in a child process: a DeepSpeed engine joins a process group and sets RANK/WORLD_SIZE in the environment,
+# which the launchers of the other tests in this process must not inherit.
+SCRIPT = r"""
+import json, sys
+import torch
+import deepspeed
+from pipeline.train.callbacks import Callbacks
+from pipeline.train.config import from_dict, make_plan
+from pipeline.train.distributed import setup_distributed
+from pipeline.train.engine import build_model, initialize
+from pipeline.train.faults import NonFiniteLoss
+from pipeline.train.loss import build_loss
+from pipeline.train.state import TrainState
+from pipeline.train.step import TrainStep
+
+ctx = setup_distributed()  # a world of one
+
+
+class Owner:  # what callbacks see: the loop's state
+    state = TrainState()
+
+
+def params(engine):
+    ps = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(ps) if hasattr(ps[0], "ds_id") else torch.no_grad():
+        return [p.detach().clone() for p in ps]
+
+
+def trajectory(stage, accum, bad_step=None):
+    cfg = from_dict({"data": {"root": "unused"}, "model": {"name": "coatnet_pico", "img_size": 32, "drop_path_rate": 0.0},
+                     "train": {"global_batch_size": 4 * accum, "micro_batch_size": 4, "max_steps": 100},
+                     "deepspeed": {"zero_stage": stage}, "logging": {"mlflow": False}})
+    plan = make_plan(cfg, 1, train_samples=10**6, num_classes=10)
+    torch.manual_seed(0)
+    engine, sched = initialize(build_model(cfg, plan), cfg, plan)
+    g = torch.Generator().manual_seed(1)
+    data = [{"image": torch.randn(4, 3, 32, 32, generator=g), "label": torch.randint(0, 10, (4,), generator=g),
+             "key": ["k"] * 4} for _ in range(4 * accum)]
+    owner, syncs = Owner(), []
+    owner.state = TrainState()
+
+    def all_true(flag):
+        syncs.append(owner.state.step)
+        return ctx.all_true(flag)
+
+    cbs = [NonFiniteLoss(step=bad_step)] if bad_step is not None else []
+    step = TrainStep(engine, build_loss(cfg.loss), lambda b: (b["image"], b["label"]), grad_accum_steps=accum,
+                     all_true=all_true, device=ctx.device, callbacks=Callbacks(cbs), owner=owner)
+    batches, applied = iter(data), []
+    for _ in range(3 if bad_step is None else 4):
+        if owner.state.step == bad_step:  # the discarded step reads batches of its own, not the others'
+            applied.append(step(iter([{**b, "image": b["image"].flip(0)} for b in data[:accum]])).applied)
+        else:
+            applied.append(step(batches).applied)
+        owner.state.step += 1
+    return params(engine), sched.get_last_lr()[0], applied, len(syncs)
+
+
+out = {}
+for stage in map(int, sys.argv[1].split(",")):
+    for accum in (1, 2):
+        ref_w, ref_lr, ref_applied, ref_syncs = trajectory(stage, accum)
+        w, lr, applied, syncs = trajectory(stage, accum, bad_step=1)
+        out[f"{stage}/{accum}"] = {
+            "same_weights": all(torch.equal(a, b) for a, b in zip(ref_w, w)),
+            "same_lr": ref_lr == lr, "applied": applied, "ref_applied": ref_applied,
+            "syncs_per_step": [ref_syncs / 3, syncs / 4],
+        }
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_nonfinite_step_is_discarded_whole_under_every_zero_stage():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, "0,1,2,3"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=280)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    for key, r in result.items():
+        # [step, discarded, step, step] ends exactly where [step, step, step] does: same weights, same LR.
+        assert r["applied"] == [True, False, True, True] and r["ref_applied"] == [True] * 3, key
+        assert r["same_weights"] and r["same_lr"], (key, r)
+        assert r["syncs_per_step"] == [1, 1], (key, r)  # one, whatever the number of micro-batches
