@@ -87,13 +87,16 @@ class CoAtNet(nn.Module):
     # --- construction helpers -----------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Initialise every parameter and derived buffer (also materialises a model made on meta + to_empty)."""
+        """Initialise every parameter and derived buffer (also materialises a model made on meta + to_empty).
+
+        Everything goes through ``Module.apply``, one module at a time: frameworks that build a model
+        partitioned (DeepSpeed's ``zero.Init``) gather each module's parameters around ``apply`` calls, so
+        the partitioned build draws the same numbers in the same order as an ordinary one. The tables are
+        leaves, so visiting them with ``apply`` keeps the order of ``modules()``.
+        """
         std = self.config.init_std
         self.apply(lambda m: init_weights(m, std))
-        for m in self.modules():
-            if isinstance(m, RelativePositionBias):
-                nn.init.normal_(m.table, std=std)
-                m.reset_index()
+        self.apply(lambda m: _init_table(m, std))
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a freshly initialised one for ``num_classes`` (0 = features only)."""
@@ -108,7 +111,9 @@ class CoAtNet(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters to exempt from weight decay: norms, biases, relative-position tables."""
-        return {n for n, p in self.named_parameters() if p.ndim <= 1 or n.endswith(TABLE_SUFFIX)}
+        # ds_shape: a ZeRO-3 partitioned parameter is an empty 1-D tensor that keeps its real shape there.
+        return {n for n, p in self.named_parameters()
+                if len(getattr(p, "ds_shape", p.shape)) <= 1 or n.endswith(TABLE_SUFFIX)}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
@@ -160,6 +165,12 @@ class CoAtNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def _init_table(module: nn.Module, std: float) -> None:
+    if isinstance(module, RelativePositionBias):
+        nn.init.normal_(module.table, std=std)
+        module.reset_index()
 
 
 def _adapt_on_load(module: CoAtNet, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

@@ -57,7 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--target-days", type=float, default=14.0)
     s.add_argument("--max-nodes", type=int, default=64)
     s.add_argument("--global-batch", type=int, default=4096)
-    s.add_argument("--json", action="store_true", help="one JSON object per row instead of the markdown table")
+    s.add_argument("--zero-gpus", nargs="+", type=int, default=[8, 16, 64],
+                   help="GPU counts of the ZeRO table (stage, offload, micro-batch, checkpointing per model)")
+    s.add_argument("--zero-instance-type", default="p5e.48xlarge", help="GPU nodes of the ZeRO table")
+    s.add_argument("--json", action="store_true", help="one JSON object per row instead of the markdown tables")
     s.set_defaults(func=_sizing)
 
 
@@ -102,16 +105,22 @@ def _render(args: argparse.Namespace) -> int:
 
 def _sizing(args: argparse.Namespace) -> int:
     from pipeline.cluster import format_table, sizing_table
+    from pipeline.cluster.sizing import format_zero_table, zero_plans
 
     try:
         rows = sizing_table(args.models, args.img_sizes, instance_type=args.instance_type,
                             target_days=args.target_days, max_nodes=args.max_nodes, global_batch=args.global_batch)
+        zero = zero_plans(args.models, args.zero_gpus, instance_type=args.zero_instance_type)
     except ValueError as e:
         print(f"coatnet cluster sizing: {e}", file=sys.stderr)
         return 2
     if args.json:
         for row in rows:
-            print(json.dumps(row.as_dict()))
+            print(json.dumps({"table": "wall-clock", **row.as_dict()}))
+        for what, plan in zero:
+            print(json.dumps({"table": "zero", "run": what, **(plan.as_dict() if plan else {"fits": False})}))
     else:
         print(format_table(rows))
+        print()
+        print(format_zero_table(zero))
     return 0

@@ -9,11 +9,14 @@ Everything here is an estimate derived from one measurement and stated assumptio
   GPU / (6 x MACs per image), or 8 x MACs with activation checkpointing (one extra forward).
 * Cluster throughput = per-GPU throughput x GPUs x a scaling efficiency (default 0.9 with EFA).
 * Memory per GPU = model states under ZeRO (2 B bf16 weights + 2 B grads + 12 B fp32 master/Adam per
-  parameter, partitioned by stage as in the ZeRO paper) + a fixed overhead + micro-batch x activations
-  per image. Activations per image are proportional to the sum over blocks of tokens x channels; the
-  factor is calibrated on the measurement above (55 GiB minus 16 B/param of fp32 AdamW state, over 64
-  images). With checkpointing each block keeps only its bf16 input plus one block's full activations.
-  Attention maps are assumed not stored (fused attention kernels).
+  parameter, partitioned by stage as in the ZeRO paper; the 12 B move to host memory with the optimizer
+  offloaded; the sharded EMA adds 4 B/N) + a fixed overhead + micro-batch x activations per image.
+  Activations per image are proportional to the sum over blocks of tokens x channels; the factor is
+  calibrated on the measurement above (55 GiB minus 16 B/param of fp32 AdamW state, over 64 images).
+  With checkpointing each block keeps only its bf16 input plus one block's full activations. Attention
+  maps are assumed not stored (fused attention kernels).
+* The split of model states into replicated and partitioned bytes is checked against a measurement of
+  the trainer itself (``benchmarks/zero_memory.py``, CPU, fp32, 1 and 2 ranks): ``MEASURED_ZERO``.
 
 MACs and parameters come from ``coatnet.count`` when the model package provides it, else from the paper's
 table (``MACS_SOURCE`` says which was used).
@@ -132,25 +135,67 @@ def activation_bytes_per_image(name: str, img_size: int, checkpointing: bool) ->
     return 2.0 * total + BYTES_PER_TOKEN_CHANNEL * largest
 
 
-def model_state_bytes(params: float, zero_stage: int, world_size: int) -> float:
-    """Per-GPU bytes of weights, gradients and optimizer state under DeepSpeed ZeRO with bf16."""
+# --- the memory model of model states ------------------------------------------------------------
+# Bytes per parameter per GPU under DeepSpeed ZeRO with bf16 mixed precision, as (replicated on every GPU,
+# partitioned over the N data-parallel GPUs): bf16 weights 2, bf16 gradients 2, fp32 master weights 4 and
+# Adam's two fp32 moments 8 (the ZeRO paper's 2 + 2 + 12).
+STATE_BYTES: dict[int, tuple[float, float]] = {0: (16.0, 0.0), 1: (4.0, 12.0), 2: (2.0, 14.0), 3: (0.0, 16.0)}
+OPTIMIZER_BYTES = 12.0  # fp32 master + moments: host memory when the optimizer is offloaded (ZeRO-Offload)
+EMA_BYTES = 4.0  # the sharded fp32 EMA (pipeline/train/ema.py): partitioned like, and beside, the fp32 masters
+# The same layout in fp32, what a CPU run holds after a step (ZeRO-2 frees its gradients after the step,
+# ZeRO-3 keeps its gradient partition): ZeRO-2 4 B weights + 12/N master and moments, ZeRO-3 20/N (4 B weights,
+# 4 B gradients, 4 B master copy, 8 B moments). MEASURED_ZERO is compared with it; what the measurement
+# shows beyond the replicated part is DeepSpeed's gradient-reduction bucket (reduce_bucket_size, 5e8
+# elements: a fixed buffer of which a model smaller than the bucket touches about 4 B per parameter).
+FP32_STATE_BYTES: dict[int, tuple[float, float]] = {2: (4.0, 12.0), 3: (0.0, 20.0)}
+BUCKET_BYTES_MAX = 4.0  # fp32 bytes per parameter the reduce bucket may add when the model is smaller than it
+
+# Measured: `python benchmarks/zero_memory.py` (coatnet_2, 73.5M parameters, 64x64, micro-batch 4, fp32, CPU,
+# gloo, 2 shared cores): model-state bytes per parameter per rank (RSS after a step over the base RSS) on 1
+# and 2 ranks, fitted as replicated + partitioned / N; the EMA's bytes per parameter per rank; the EMA
+# update's time as a share of a step (median); activation bytes per image (forward at 2M minus at M images).
+MEASURED_ZERO: dict = {
+    "model": "coatnet_2", "params": 73_472_712, "img_size": 64, "micro_batch": 4,
+    "fit": {2: {"replicated": 5.4, "partitioned": 12.0, "ratio_2_to_1": 0.66},
+            3: {"replicated": 5.8, "partitioned": 19.8, "ratio_2_to_1": 0.61}},
+    "ema_bytes_per_param": {1: 4.0, 2: 2.0},
+    "ema_cost_ratio": 0.0063,
+    "activation_mib_per_image": 29.5,
+}
+
+
+def model_state_bytes(params: float, zero_stage: int, world_size: int, *, offload: bool = False,
+                      ema: bool = False) -> float:
+    """Per-GPU bytes of weights, gradients, optimizer state (and the sharded EMA) under DeepSpeed ZeRO, bf16.
+
+    ``offload``: the optimizer (fp32 masters, moments; the EMA with them) lives in host memory.
+    """
+    if zero_stage not in STATE_BYTES:
+        raise ValueError(f"zero stage must be 0, 1, 2 or 3, not {zero_stage}")
+    if offload and zero_stage == 0:
+        raise ValueError("optimizer offload needs ZeRO stage 1, 2 or 3")
     n = max(world_size, 1)
-    if zero_stage == 0:
-        return 16 * params
-    if zero_stage == 1:
-        return 4 * params + 12 * params / n
-    if zero_stage == 2:
-        return 2 * params + 14 * params / n
-    if zero_stage == 3:
-        return 16 * params / n
-    raise ValueError(f"zero stage must be 0, 1, 2 or 3, not {zero_stage}")
+    replicated, partitioned = STATE_BYTES[zero_stage]
+    if offload:
+        partitioned -= OPTIMIZER_BYTES
+    elif ema:
+        partitioned += EMA_BYTES if zero_stage else 0.0
+        replicated += 0.0 if zero_stage else EMA_BYTES
+    return (replicated + partitioned / n) * params
+
+
+def host_state_bytes(params: float, zero_stage: int, world_size: int, *, offload: bool, ema: bool = False) -> float:
+    """Per-GPU bytes the offloaded optimizer (and EMA) keep in host memory (0 without offload)."""
+    if not offload:
+        return 0.0
+    return (OPTIMIZER_BYTES + (EMA_BYTES if ema else 0.0)) * params / max(world_size, 1)
 
 
 def memory_gib(
     name: str, img_size: int, *, params: float, zero_stage: int, world_size: int, micro_batch: int,
-    checkpointing: bool,
+    checkpointing: bool, offload: bool = False, ema: bool = False,
 ) -> float:
-    states = model_state_bytes(params, zero_stage, world_size)
+    states = model_state_bytes(params, zero_stage, world_size, offload=offload, ema=ema)
     acts = micro_batch * activation_bytes_per_image(name, img_size, checkpointing)
     return (states + acts) / GiB + OVERHEAD_GIB[zero_stage]
 
@@ -179,6 +224,11 @@ class Plan:
     days: float
     gpu_hours: float
     macs_source: str
+    offload: bool = False
+    ema: bool = False
+    state_gib: float = 0.0  # model states (and EMA) per GPU
+    activation_gib: float = 0.0  # micro-batch x activations per image
+    host_gib_per_node: float = 0.0  # offloaded optimizer state per node
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -190,13 +240,15 @@ def divisors(n: int) -> list[int]:
 
 def fit(
     name: str, img_size: int, *, instance_type: str, nodes: int, gpus_per_node: int | None = None,
-    global_batch: int = 4096, min_micro: int = 8,
+    global_batch: int = 4096, min_micro: int = 8, offload: tuple[bool, ...] = (False,), ema: bool = False,
 ) -> Plan | None:
-    """The cheapest memory-feasible (ZeRO stage, checkpointing, micro-batch) for this cluster, or None.
+    """The cheapest memory-feasible (ZeRO stage, offload, checkpointing, micro-batch) for this cluster, or None.
 
     Preference order: ZeRO-2 before ZeRO-3 (less communication), no checkpointing before checkpointing
-    (a third less compute); the first that fits a micro-batch of at least ``min_micro`` wins, else the
-    one with the largest micro-batch. Micro-batches are divisors of the per-GPU share of the global batch.
+    (a third less compute), and optimizer offload (host Adam, PCIe traffic every step) only when nothing
+    else fits; the first that fits a micro-batch of at least ``min_micro`` wins, else the one with the
+    largest micro-batch. Micro-batches are divisors of the per-GPU share of the global batch. ``ema``:
+    the sharded EMA is kept (fine-tuning recipes).
     """
     inst = get_instance(instance_type, kind="gpu")
     gpus = nodes * (gpus_per_node or inst.gpus)
@@ -204,34 +256,39 @@ def fit(
         return None
     params, macs, source = count(name, img_size)
     budget = inst.gpu_memory_gib * MEMORY_HEADROOM
-    best: tuple[int, int, bool] | None = None
-    for zero, ckpt in ((2, False), (3, False), (2, True), (3, True)):
+    best: tuple[int, int, bool, bool] | None = None
+    options = [(zero, ckpt, off) for off in offload for zero, ckpt in ((2, False), (3, False), (2, True), (3, True))]
+    for zero, ckpt, off in options:
         fits = [
             m for m in divisors(global_batch // gpus)
             if memory_gib(name, img_size, params=params, zero_stage=zero, world_size=gpus, micro_batch=m,
-                          checkpointing=ckpt) <= budget
+                          checkpointing=ckpt, offload=off, ema=ema) <= budget
         ]
         if not fits:
             continue
         micro = max(fits)
         if micro >= min_micro or micro == global_batch // gpus:
-            best = (zero, micro, ckpt)
+            best = (zero, micro, ckpt, off)
             break
         if best is None or micro > best[1]:
-            best = (zero, micro, ckpt)
+            best = (zero, micro, ckpt, off)
     if best is None:
         return None
-    zero, micro, ckpt = best
+    zero, micro, ckpt, off = best
     per_gpu = images_per_s_per_gpu(macs, inst, ckpt)
     cluster = per_gpu * gpus * (SCALING_EFFICIENCY if nodes > 1 else 1.0)
     seconds = EPOCHS * IN21K_IMAGES / cluster
+    states = model_state_bytes(params, zero, gpus, offload=off, ema=ema) / GiB
     return Plan(
         model=name, img_size=img_size, instance_type=instance_type, nodes=nodes, gpus=gpus, zero_stage=zero,
         checkpointing=ckpt, micro_batch=micro, grad_accum=global_batch // (gpus * micro),
         global_batch=global_batch, params=params, macs=macs,
         memory_gib=memory_gib(name, img_size, params=params, zero_stage=zero, world_size=gpus,
-                              micro_batch=micro, checkpointing=ckpt),
+                              micro_batch=micro, checkpointing=ckpt, offload=off, ema=ema),
         images_per_s=cluster, days=seconds / 86400, gpu_hours=seconds / 3600 * gpus, macs_source=source,
+        offload=off, ema=ema, state_gib=states,
+        activation_gib=micro * activation_bytes_per_image(name, img_size, ckpt) / GiB,
+        host_gib_per_node=host_state_bytes(params, zero, gpus, offload=off, ema=ema) * (gpus // nodes) / GiB,
     )
 
 
@@ -284,3 +341,79 @@ def format_table(rows: list[Plan]) -> str:
         f"GPU memory; activations {BYTES_PER_TOKEN_CHANNEL:.1f} B per token-channel (calibrated)."
     )
     return "\n".join(lines)
+
+
+# --- ZeRO plans for a given number of GPUs (the runbook's second table) ------------------------------------
+ZERO_INSTANCE = "p5e.48xlarge"  # 8 x H200 141 GB
+ZERO_GPUS = (8, 16, 64)
+# (what, img_size, global batch, EMA): 21K pretraining at 224 as in the paper (no EMA), 1K fine-tuning at 512
+# (batch 512, EMA kept as the paper's fine-tuning does).
+ZERO_RUNS = (("pretrain", 224, 4096, False), ("finetune", 512, 512, True))
+
+
+def zero_plans(
+    models: Iterable[str] = ("coatnet_5", "coatnet_6", "coatnet_7"), gpu_counts: Iterable[int] = ZERO_GPUS,
+    *, instance_type: str = ZERO_INSTANCE, runs: Iterable[tuple[str, int, int, bool]] = ZERO_RUNS,
+) -> list[tuple[str, Plan | None]]:
+    """For each run kind, model and GPU count: the ZeRO stage, offload, checkpointing and micro-batch chosen."""
+    inst = get_instance(instance_type, kind="gpu")
+    rows = []
+    for what, size, batch, ema in runs:
+        for name in models:
+            for gpus in gpu_counts:
+                if gpus % inst.gpus and gpus > inst.gpus:
+                    raise ValueError(f"{gpus} GPUs is not a whole number of {instance_type} nodes ({inst.gpus} GPUs)")
+                nodes, per_node = (gpus // inst.gpus, inst.gpus) if gpus >= inst.gpus else (1, gpus)
+                rows.append((what, fit(name, size, instance_type=instance_type, nodes=nodes, gpus_per_node=per_node,
+                                       global_batch=batch, offload=(False, True), ema=ema)))
+    return rows
+
+
+def format_zero_table(rows: list[tuple[str, Plan | None]]) -> str:
+    """The runbook's ZeRO table: the choice per model and GPU count, and the memory it is expected to take."""
+    head = (
+        "| run | model | img | params | GPUs (H200) | ZeRO | offload | act. ckpt | micro x accum | EMA "
+        "| states GiB/GPU | activations GiB/GPU | est. GiB/GPU | host GiB/node |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for what, p in rows:
+        if p is None:
+            lines.append(f"| {what} | - | - | - | - | does not fit | | | | | | | | |")
+            continue
+        lines.append(
+            f"| {what} | {p.model} | {p.img_size} | {p.params / 1e9:.2f}B | {p.gpus} | {p.zero_stage} "
+            f"| {'optimizer' if p.offload else 'no'} | {'yes' if p.checkpointing else 'no'} "
+            f"| {p.micro_batch} x {p.grad_accum} | {'yes' if p.ema else 'no'} | {p.state_gib:.1f} "
+            f"| {p.activation_gib:.1f} | {p.memory_gib:.0f} | {p.host_gib_per_node:.0f} |"
+        )
+    lines.append("")
+    states = " / ".join(f"ZeRO-{k} {r:g} + {q:g}/N" for k, (r, q) in STATE_BYTES.items() if k >= 2)
+    lines.append(
+        f"Modelled (bf16 mixed precision): model states {states} "
+        f"B/param/GPU, the sharded EMA +{EMA_BYTES:g}/N, optimizer offload moves {OPTIMIZER_BYTES:g}/N to host "
+        f"memory; activations {BYTES_PER_TOKEN_CHANNEL:.1f} B per token-channel (calibrated on the H200 "
+        f"measurement); overhead {OVERHEAD_GIB[2]:g} GiB (ZeRO-2) / {OVERHEAD_GIB[3]:g} GiB (ZeRO-3); budget "
+        f"{MEMORY_HEADROOM:.0%} of GPU memory." + (f" {measured_note()}" if MEASURED_ZERO else "")
+    )
+    return "\n".join(lines)
+
+
+def measured_note() -> str:
+    """One sentence on the CPU measurement the state model is checked against."""
+    m = MEASURED_ZERO
+    fits = "; ".join(f"ZeRO-{k} {v['replicated']:.1f} + {v['partitioned']:.1f}/N"
+                     for k, v in sorted(m["fit"].items()))
+    model = " / ".join(f"ZeRO-{k} {r:g} + {q:g}/N" for k, (r, q) in FP32_STATE_BYTES.items())
+    return (f"Measured (benchmarks/zero_memory.py, {m['model']} at {m['img_size']}, fp32 on CPU, 1 and 2 ranks): "
+            f"{fits} B/param/rank (the fp32 model: {model}, plus the reduce bucket); ZeRO-3 on 2 ranks holds "
+            f"{m['fit'][3]['ratio_2_to_1']:.2f}x the model states of 1 rank; the EMA adds "
+            f"{m['ema_bytes_per_param'][2]:g} B/param/rank on 2 ranks and its update costs {m['ema_cost_ratio']:.1%} "
+            "of a step.")
+
+
+def activation_bytes_per_token_channel_measured() -> float:
+    """The CPU measurement's activations (fp32, eager) per token-channel, beside the GPU calibration."""
+    m = MEASURED_ZERO
+    total, _ = token_channels(m["model"], m["img_size"])
+    return m["activation_mib_per_image"] * 2**20 / total

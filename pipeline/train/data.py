@@ -5,6 +5,13 @@ scaling, normalisation and MixUp/CutMix run on the device after the copy (``devi
 Augmentation draws from a generator seeded by (run seed, epoch, sample id), so a sample gets the same
 crop whether the run was interrupted or not and whatever the number of ranks or workers; the global
 order comes from streaming's deterministic shuffle with a pinned ``num_canonical_nodes``.
+
+The train loader yields one batch per optimizer step and rank (micro-batch x accumulation), which
+``micro_batches`` splits by striding: micro-batch ``a`` takes every ``accum``-th sample. Streaming
+deals the samples of a global batch to the ranks by striding too, so micro-batch ``k`` of a step
+holds the global batch's samples ``k, k + M, k + 2M, ...`` (M micro-batches per step) on any
+number of ranks and nodes: BatchNorm statistics, MixUp pairs, and so the loss curve, stay the
+same when a run resumes on another world size with the same global batch.
 """
 
 from __future__ import annotations
@@ -73,6 +80,11 @@ class ImageShards(StreamingDataset):
                 "key": str(row.get("key", idx))}
 
 
+def micro_batches(batch: dict, accum: int) -> list[dict]:
+    """The ``accum`` micro-batches of a step batch: micro-batch ``a`` takes samples ``a, a + accum, ...``."""
+    return [{k: v[a::accum] for k, v in batch.items()} for a in range(accum)]
+
+
 def cache_root(cfg: TrainConfig) -> Path:
     return Path(cfg.data.cache_dir or Path(cfg.output_dir, "cache"))
 
@@ -89,8 +101,10 @@ def local_dirs(cfg: TrainConfig) -> list[str]:
 def build_train_loader(cfg: TrainConfig, plan: Plan, *, dataset: Callable[..., ImageShards] = ImageShards,
                        transform: Callable | None = None, collate_fn: Callable | None = None) -> StreamingDataLoader:
     """The training loader: shuffled, seeded augmentation, batches of uint8 pixels (``device_input.to_device``
-    makes the model input). ``dataset``, ``transform`` and ``collate_fn`` replace those parts for a benchmark
-    comparing another per-sample path on the same loader (benchmarks/loader_throughput.py)."""
+    makes the model input), one batch per optimizer step (``micro_batches`` splits it; see the module
+    docstring). ``dataset``, ``transform`` and ``collate_fn`` replace those parts for a benchmark comparing
+    another per-sample path on the same loader (benchmarks/loader_throughput.py)."""
+    step_batch = plan.micro_batch_size * plan.grad_accum_steps
     ds = dataset(
         transform=transform or train_augment(cfg.augment, cfg.model.img_size),
         aug_seed=cfg.seed,
@@ -98,7 +112,7 @@ def build_train_loader(cfg: TrainConfig, plan: Plan, *, dataset: Callable[..., I
         local=_local(cfg, "train", cfg.data.train_split),
         cache_limit=cfg.data.cache_limit,
         predownload=cfg.data.predownload,
-        batch_size=plan.micro_batch_size,
+        batch_size=step_batch,
         shuffle=True,
         shuffle_seed=cfg.seed if cfg.data.shuffle_seed is None else cfg.data.shuffle_seed,
         shuffle_algo=cfg.data.shuffle_algo,
@@ -106,7 +120,7 @@ def build_train_loader(cfg: TrainConfig, plan: Plan, *, dataset: Callable[..., I
     )
     return StreamingDataLoader(
         ds,
-        batch_size=plan.micro_batch_size,
+        batch_size=step_batch,
         num_workers=cfg.data.num_workers,
         prefetch_factor=cfg.data.prefetch_factor if cfg.data.num_workers else None,
         persistent_workers=False,

@@ -3,10 +3,17 @@
 ZeRO stage, offload, precision and clipping come from the config; the optimizer is DeepSpeed's
 AdamW (``torch_adam`` on CPU, where the fused CUDA kernel does not exist) over the parameter
 groups of optim.py, stepped together with the schedule of optim.py.
+
+Under ZeRO-3 the model is built inside ``deepspeed.zero.Init``: each module's parameters are
+partitioned as soon as its constructor returns, so no rank ever holds the whole model (CoAtNet-7
+is 9.7 GB of fp32). The model initialises itself through ``Module.apply``, which zero.Init wraps
+to gather one module at a time, so the partitioned build draws the same numbers in the same order
+as an unpartitioned one: same seed, same weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -65,12 +72,21 @@ def ds_config(cfg: TrainConfig, plan: Plan) -> dict[str, Any]:
     return _merge(config, ds.extra)
 
 
+def partitioned(cfg: TrainConfig) -> bool:
+    return cfg.deepspeed.zero_stage == 3
+
+
 def build_model(cfg: TrainConfig, plan: Plan) -> nn.Module:
+    """The recipe's model, partitioned across the ranks under ZeRO-3 (collective then), whole otherwise.
+
+    Seed the global RNG first: every rank draws the same initial weights.
+    """
     import coatnet
 
     m = cfg.model
-    model = coatnet.create_model(m.name, num_classes=plan.num_classes, img_size=m.img_size,
-                                 drop_path_rate=m.drop_path_rate, **m.overrides)
+    with _construction(cfg, plan):
+        model = coatnet.create_model(m.name, num_classes=plan.num_classes, img_size=m.img_size,
+                                     drop_path_rate=m.drop_path_rate, **m.overrides)
     if m.init_weights:
         load_init_weights(model, m.init_weights)
     if m.grad_checkpointing:
@@ -78,34 +94,96 @@ def build_model(cfg: TrainConfig, plan: Plan) -> nn.Module:
     return model
 
 
+def _construction(cfg: TrainConfig, plan: Plan):
+    if not partitioned(cfg):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    # The engine's own config: same dtype, same parameter offload (partitions straight to host memory).
+    return deepspeed.zero.Init(config_dict_or_path=ds_config(cfg, plan))
+
+
 def load_init_weights(model: nn.Module, uri: str) -> None:
-    """Strict load of a safetensors state dict; the model's own hook adapts relative-position tables."""
+    """Strict load of a safetensors state dict; relative-position tables are adapted to the model's grids.
+
+    A ZeRO-3 model is loaded one module at a time: its parameters are gathered, rank 0 copies the
+    file's tensors in (read lazily, one tensor at a time) and DeepSpeed re-partitions them from rank 0.
+    """
     import tempfile
     from pathlib import Path
-
-    from safetensors.torch import load_file
 
     from pipeline import storage
 
     if storage.is_remote(uri):
         with tempfile.TemporaryDirectory() as tmp:
             local = storage.download_file(uri, Path(tmp, "init.safetensors"))
-            state = load_file(str(local))
+            _load_init_file(model, str(local), uri)
     else:
-        state = load_file(uri)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise RuntimeError(f"model.init_weights {uri} does not fit {type(model).__name__}: {e}") from e
+        _load_init_file(model, uri, uri)
 
 
-def initialize(model: nn.Module, cfg: TrainConfig, plan: Plan):
+def _load_init_file(model: nn.Module, path: str, uri: str) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        try:
+            model.load_state_dict(load_file(path), strict=True)
+        except RuntimeError as e:
+            raise RuntimeError(f"model.init_weights {uri} does not fit {type(model).__name__}: {e}") from e
+        return
+    with safe_open(path, framework="pt") as f:
+        _load_partitioned(model, f, uri)
+
+
+@torch.no_grad()
+def _load_partitioned(model: nn.Module, f, uri: str) -> None:
+    import deepspeed
+    import torch.distributed as dist
+
+    from coatnet.adapt import adapt_state_dict, strip_wrapper_prefix
+
+    names = strip_wrapper_prefix({k: k for k in f.keys()})  # our name -> the file's name
+    expected = set(model.state_dict(keep_vars=True))  # keep_vars: no gather, names only
+    missing, unexpected = sorted(expected - names.keys()), sorted(names.keys() - expected)
+    if missing or unexpected:
+        raise RuntimeError(f"model.init_weights {uri} does not fit {type(model).__name__}: missing keys "
+                           f"{missing[:10]}, unexpected keys {unexpected[:10]}")
+
+    def tensor(name: str, shape: torch.Size) -> torch.Tensor:
+        t = f.get_tensor(names[name])
+        if tuple(t.shape) != tuple(shape):
+            t = adapt_state_dict({name: t}, model)[name]  # relative-position tables: resized to this grid
+        if tuple(t.shape) != tuple(shape):
+            raise RuntimeError(f"model.init_weights {uri} does not fit {type(model).__name__}: {name} has shape "
+                               f"{tuple(t.shape)} in the file, {tuple(shape)} in the model")
+        return t
+
+    rank = dist.get_rank()
+    for prefix, module in model.named_modules():
+        params = [(f"{prefix}.{n}" if prefix else n, p) for n, p in module.named_parameters(recurse=False)]
+        if params:
+            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+                if rank == 0:
+                    for name, p in params:
+                        p.data.copy_(tensor(name, p.shape))
+        for n, b in module.named_buffers(recurse=False):
+            name = f"{prefix}.{n}" if prefix else n
+            if name in expected:
+                b.copy_(tensor(name, b.shape))
+
+
+def initialize(model: nn.Module, cfg: TrainConfig, plan: Plan, *, load_universal: bool = False):
+    """The DeepSpeed engine; ``load_universal``: the run resumes from a universal checkpoint (another world size)."""
     import deepspeed
 
+    config = ds_config(cfg, plan)
+    if load_universal:
+        config = _merge(config, {"checkpoint": {"load_universal": True}})
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.optim.weight_decay),
-        config=ds_config(cfg, plan),
+        config=config,
         lr_scheduler=lr_scheduler_factory(total_steps=plan.total_steps, warmup_steps=plan.warmup_steps,
                                           optim=cfg.optim, schedule=cfg.schedule),
     )

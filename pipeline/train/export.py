@@ -1,7 +1,8 @@
 """End-of-training export (rank 0): consolidated fp32 weights, EMA weights, the model config.
 
 The raw weights come from DeepSpeed's own consolidation of the ZeRO shards
-(``get_fp32_state_dict_from_zero_checkpoint``), not a hand-written merge.
+(``get_fp32_state_dict_from_zero_checkpoint``), not a hand-written merge; so do the EMA weights,
+whose shards the checkpoint holds in the same layout (``{step}/ema``, see ema.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.train.config import Plan, TrainConfig
+from pipeline.train.ema import consolidate_ema
 
 WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "model_ema.safetensors"
@@ -62,8 +64,9 @@ def export_all(engine, ema, config: TrainConfig, plan: Plan, checkpoint: Path, o
         else:
             state = consolidate(checkpoint)
         save_safetensors(state, out / WEIGHTS)
+        del state
         if ema:
-            save_safetensors(ema.export(), out / EMA_WEIGHTS)
+            save_safetensors(consolidate_ema(checkpoint), out / EMA_WEIGHTS)
         (out / MODEL_CONFIG).write_text(json.dumps(model_config(config, plan, engine.module), indent=2))
     ctx.barrier()
     return paths

@@ -45,6 +45,10 @@ class RayTrainOptions(BaseModel):
     cpus_per_worker: PositiveFloat = Field(1.0, description="CPUs per worker", json_schema_extra=_meta("C"))
     max_failures: NonNegativeInt = Field(2, description="restarts from the last checkpoint after a lost worker",
                                          json_schema_extra=_meta("N"))
+    # Elastic: Ray Train's (min, max) scaling; a restarted group resumes through a universal checkpoint.
+    min_workers: PositiveInt | None = Field(None, description="elastic: a restart may continue on as few as N "
+                                                              "workers (default: always --num-workers)",
+                                            json_schema_extra=_meta("N"))
 
 
 class RayOptions(RayTrainOptions):

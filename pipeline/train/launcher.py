@@ -102,6 +102,8 @@ def launch(config_or_path: TrainConfig | str | os.PathLike, overrides=(), *, lau
     world = (ray.num_workers or nproc) if launcher == "ray" and ray else nproc
     cfg = absolutize(resolve(config_or_path, overrides))
     make_plan(cfg, world, with_counts=False)
+    if launcher == "ray" and ray and ray.min_workers is not None:
+        _check_elastic(cfg, ray.min_workers, world)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / "config.yaml"
@@ -226,6 +228,24 @@ def _ray_train_fn(loop_config: dict) -> None:
     ray.train.report({"step": result.step, "finished": result.finished})
 
 
+def _check_elastic(cfg: TrainConfig, min_workers: int, world: int) -> None:
+    """The smallest world must split the global batch; name the sizes in between that cannot."""
+    if not 1 <= min_workers <= world:
+        raise ConfigError(f"min_workers: {min_workers} must be between 1 and the {world} workers")
+    from pipeline.train.config import batch_split
+
+    batch_split(cfg, min_workers)
+    bad = []
+    for w in range(min_workers, world):
+        try:
+            batch_split(cfg, w)
+        except ConfigError:
+            bad.append(w)
+    if bad:
+        print(f"note: a restart on {', '.join(map(str, bad))} workers cannot split train.global_batch_size="
+              f"{cfg.train.global_batch_size} and would fail (counting against max_failures)", file=sys.stderr)
+
+
 def _launch_ray(cfg: TrainConfig, world: int, resume: str, force: bool, opts: RayOptions) -> None:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -248,7 +268,9 @@ def _launch_ray(cfg: TrainConfig, world: int, resume: str, force: bool, opts: Ra
             _ray_train_fn,
             train_loop_config={"config": cfg.to_dict(), "resume": resume, "force": force, "env": env,
                                "token": uuid.uuid4().hex[:12]},
-            scaling_config=ScalingConfig(num_workers=world, use_gpu=opts.gpus_per_worker > 0,
+            # (min, max): Ray Train restarts a failed group on what is left, down to min_workers.
+            scaling_config=ScalingConfig(num_workers=(opts.min_workers, world) if opts.min_workers else world,
+                                         use_gpu=opts.gpus_per_worker > 0,
                                          resources_per_worker={"CPU": opts.cpus_per_worker,
                                                                **({"GPU": opts.gpus_per_worker}
                                                                   if opts.gpus_per_worker else {})}),

@@ -27,7 +27,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad:
             continue
         leaf = name.rsplit(".", 1)[-1]
-        if p.ndim <= 1 or leaf == "bias" or name in skip or leaf in skip or any(name.endswith("." + s) for s in skip):
+        # ds_shape: a ZeRO-3 partitioned parameter is an empty 1-D tensor that keeps its real shape there.
+        if len(getattr(p, "ds_shape", p.shape)) <= 1 or leaf == "bias" or name in skip or leaf in skip or any(name.endswith("." + s) for s in skip):
             no_decay.append(p)
         else:
             decay.append(p)

@@ -23,10 +23,16 @@ from pipeline.train import export
 from pipeline.train.cadence import Cadence
 from pipeline.train.checkpoint import CheckpointManager, tag_for
 from pipeline.train.config import TrainConfig, make_plan
-from pipeline.train.data import build_eval_loader, build_train_loader, local_dirs, release_stale_shared_memory
+from pipeline.train.data import (
+    build_eval_loader,
+    build_train_loader,
+    local_dirs,
+    micro_batches,
+    release_stale_shared_memory,
+)
 from pipeline.train.device_input import to_device
 from pipeline.train.distributed import setup_distributed
-from pipeline.train.ema import ModelEma
+from pipeline.train.ema import ShardedEma
 from pipeline.train.engine import build_model, initialize, input_dtype
 from pipeline.train.loss import build_loss
 from pipeline.train.metrics import MetricsSink, TrainMetrics, peak_tflops
@@ -77,18 +83,22 @@ class Trainer:
         self.ctx = ctx = setup_distributed()
         self.plan = plan = make_plan(config, ctx.world_size)
         self.out = Path(config.output_dir)
-        torch.manual_seed(config.seed)  # identical initial weights on every rank
-        self.engine, self.scheduler = initialize(build_model(config, plan), config, plan)
-        self.ema = ModelEma(self.engine.module, config.ema.decay, "cpu" if config.ema.device == "cpu" else None) \
-            if config.ema.decay else None
-        self._release_stale_shared_memory()
-        self.loader, self.eval_loader = build_train_loader(config, plan), build_eval_loader(config)
         self.checkpoints = CheckpointManager(self.out / "checkpoints", keep_last=config.checkpoint.keep_last,
                                              upload_uri=config.checkpoint.upload_uri, rank=ctx.rank,
                                              local_rank=ctx.local_rank)
+        # Found before the engine is built: another world size resumes through a universal checkpoint.
+        found = self.checkpoints.find(resume)
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        self.engine, self.scheduler = initialize(
+            build_model(config, plan), config, plan,  # under ZeRO-3 built partitioned
+            load_universal=bool(found and found.needs_universal(ctx.world_size)))
+        self.ema = ShardedEma(self.engine, config.ema.decay, "cpu" if config.ema.device == "cpu" else None) \
+            if config.ema.decay else None
+        self._release_stale_shared_memory()
+        self.loader, self.eval_loader = build_train_loader(config, plan), build_eval_loader(config)
         self.state, self.last_checkpoint = TrainState(), None
         torch.manual_seed(config.seed + 1 + ctx.rank)  # each rank draws its own drop-path masks
-        self.resume(resume, force_resume)
+        self.resume(found, force_resume)
 
         stop_after = config.train.stop_after_steps
         self.stop_at = plan.total_steps if stop_after is None else min(plan.total_steps, self.state.step + stop_after)
@@ -119,14 +129,15 @@ class Trainer:
     def run(self) -> TrainResult:
         state = self.state
         while state.step < self.stop_at:
-            batches = iter(self.loader)  # a fresh epoch, or the rest of the resumed one
+            # A fresh epoch, or the rest of the resumed one: one batch per step, split into micro-batches (data.py).
+            batches = (m for b in self.loader for m in micro_batches(b, self.plan.grad_accum_steps))
             while state.step < self.stop_at:
                 result = self.train_step(batches, keep_batches=self._next_skip_is_fatal())
                 if not result.applied:
                     self.skip_nonfinite(result)
                 state.advance(self.plan.steps_per_epoch)
                 if self.ema and self.should_update_ema(state.step):
-                    self.ema.update(self.engine.module)
+                    self.ema.update()
                 self.metrics.step_end(result.loss, applied=result.applied, images=result.images,
                                       data_wait=result.data_wait)
                 if self.should_log(state.step):
@@ -178,34 +189,34 @@ class Trainer:
 
     def save_checkpoint(self, *, tag: str | None = None, mark_latest: bool = True) -> Path:
         """Collective. DeepSpeed's state (weights, optimizer, schedule) plus this trainer's ``state_dict``."""
+        # The sharded EMA is saved beside the engine's state (each rank its partition, in DeepSpeed's layout).
         return self.checkpoints.save(self.engine, self.state.step, self.state_dict(),
                                      config_hash=self.config.config_hash, world_size=self.ctx.world_size,
-                                     tag=tag, mark_latest=mark_latest)
+                                     tag=tag, mark_latest=mark_latest, ema=self.ema)
 
     def state_dict(self) -> dict:
-        """The checkpoint's client state: the loop's state, the loader's position, the EMA."""
+        """The checkpoint's client state: the loop's state, the loader's position (global: any world size)."""
         loader_state = self.loader.state_dict()
         if self.state.at_epoch_start:
             # The epoch ended with less than a global batch unread: resume at the start of the next one.
             loader_state = {**loader_state, "epoch": self.state.epoch, "sample_in_epoch": 0}
-        out = {"train_state": self.state.state_dict(), "loader": loader_state, "config_hash": self.config.config_hash}
-        if self.ema:
-            out["ema"] = self.ema.state_dict()
-        return out
+        return {"train_state": self.state.state_dict(), "loader": loader_state, "config_hash": self.config.config_hash}
 
     def load_state_dict(self, client: dict) -> None:
         self.state.load_state_dict(client["train_state"])
         self.loader.load_state_dict(client["loader"])
-        if self.ema:
-            self.ema.load_state_dict(client["ema"])
 
-    def resume(self, resume: str, force: bool) -> None:
-        if found := self.checkpoints.find(resume):
-            client = self.checkpoints.load(self.engine, *found, config_hash=self.config.config_hash,
-                                           world_size=self.ctx.world_size, force=force)
+    def resume(self, found, force: bool) -> None:
+        """From ``found`` (``CheckpointManager.find``): engine, EMA and RNG through the checkpoint manager (a
+        universal checkpoint when the world size changed), then this trainer's client state."""
+        if found:
+            client = self.checkpoints.load(self.engine, found, config_hash=self.config.config_hash,
+                                           world_size=self.ctx.world_size, force=force, ema=self.ema)
             self.load_state_dict(client)
-            self.last_checkpoint = found[0] / found[1]
-            self.ctx.print(f"resumed from {self.last_checkpoint} at step {self.state.step} (epoch {self.state.epoch})")
+            self.last_checkpoint = found.path
+            via = f", written by {found.world_size} ranks: universal checkpoint" \
+                if found.needs_universal(self.ctx.world_size) else ""
+            self.ctx.print(f"resumed from {found.path} at step {self.state.step} (epoch {self.state.epoch}{via})")
 
     # -- non-finite steps --------------------------------------------------------------------------
     def _next_skip_is_fatal(self) -> bool:

@@ -15,7 +15,6 @@ from PIL import Image
 import coatnet
 from pipeline.train.checkpoint import COMPLETE, CheckpointManager, ResumeError
 from pipeline.train.config import AugmentConfig, EvalConfig, OptimConfig, RandAugmentConfig, ScheduleConfig
-from pipeline.train.ema import ModelEma
 from pipeline.train.loss import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 from pipeline.train.optim import lr_at, param_groups
 from pipeline.train.transforms import eval_transform, train_transform
@@ -69,23 +68,6 @@ def test_sigmoid_loss_sums_over_classes():
     assert SigmoidBinaryCrossEntropy(eps)(logits, y) == pytest.approx(want.item(), rel=1e-6)
 
 
-def test_ema_averages_parameters_and_copies_buffers():
-    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
-    ema = ModelEma(model, decay=0.5)
-    before = model[0].weight.detach().clone()
-    with torch.no_grad():
-        model[0].weight.add_(2.0)
-        model[1].running_mean.fill_(3.0)
-    ema.update(model)
-    assert torch.allclose(ema.shadow["0.weight"], before + 1.0)  # halfway
-    assert torch.equal(ema.shadow["1.running_mean"], torch.full((2,), 3.0))
-    restored = ModelEma(model, decay=0.5)
-    restored.load_state_dict(ema.state_dict())
-    assert restored.num_updates == 1 and torch.equal(restored.shadow["0.weight"], ema.shadow["0.weight"])
-    fresh = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
-    fresh.load_state_dict(ema.export(), strict=True)
-
-
 def test_transforms_shapes_and_determinism():
     img = Image.fromarray((torch.rand(40, 48, 3) * 255).byte().numpy())
     aug = AugmentConfig(randaugment=RandAugmentConfig(2, 9))
@@ -102,6 +84,9 @@ def test_transforms_shapes_and_determinism():
 class _NoEngine:
     """The manager must refuse before it ever touches the engine."""
 
+    def load_universal_checkpoint(self) -> bool:
+        return False
+
     def load_checkpoint(self, *a, **k):  # pragma: no cover - reaching it is the failure
         raise AssertionError("engine.load_checkpoint called")
 
@@ -109,6 +94,7 @@ class _NoEngine:
 def _fake_checkpoint(root: Path, step: int, config_hash: str = "abc", world: int = 2, complete: bool = True) -> None:
     d = root / f"step_{step:08d}"
     d.mkdir(parents=True)
+    (d / "zero_pp_rank_0_mp_rank_00_optim_states.pt").touch()  # partitioned optimizer state
     if complete:
         (d / COMPLETE).write_text(json.dumps({"tag": d.name, "step": step, "config_hash": config_hash,
                                               "world_size": world}))
@@ -120,15 +106,18 @@ def test_resume_picks_newest_complete_and_refuses_other_recipes(tmp_path):
     _fake_checkpoint(root, 20)
     _fake_checkpoint(root, 30, complete=False)  # interrupted while saving: never resumed from
     mgr = CheckpointManager(root, keep_last=2, upload_uri=None, rank=0, local_rank=0)
-    assert mgr.find("auto") == (root, "step_00000020")
+    found = mgr.find("auto")
+    assert (found.path, found.step, found.world_size, found.config_hash) == (root / "step_00000020", 20, 2, "abc")
     assert mgr.find("none") is None
-    assert mgr.find(str(root / "step_00000010")) == (root, "step_00000010")
+    assert mgr.find(str(root / "step_00000010")).path == root / "step_00000010"
     with pytest.raises(ResumeError, match="no complete checkpoint"):
         mgr.find(str(root / "step_00000030"))
     with pytest.raises(ResumeError, match="different recipe"):
-        mgr.load(_NoEngine(), root, "step_00000020", config_hash="other", world_size=2, force=False)
-    with pytest.raises(ResumeError, match="written by 2 ranks, this run has 4"):
-        mgr.load(_NoEngine(), root, "step_00000020", config_hash="abc", world_size=4, force=False)
+        mgr.load(_NoEngine(), found, config_hash="other", world_size=2, force=False)
+    # Another world size goes through a universal checkpoint, for which the engine must have been built.
+    assert found.needs_universal(4) and not found.needs_universal(2)
+    with pytest.raises(ResumeError, match="written by 2 ranks, this run has 4.*load_universal"):
+        mgr.load(_NoEngine(), found, config_hash="abc", world_size=4, force=False)
     assert CheckpointManager(tmp_path / "empty", keep_last=1, upload_uri=None, rank=0, local_rank=0).find("auto") is None
 
 
