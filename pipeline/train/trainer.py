@@ -120,7 +120,8 @@ class Trainer:
             self.callbacks.callbacks.append(callbacks_.RecordSamples(self.out, ctx.rank))
         self.train_step = TrainStep(self.engine, build_loss(config.loss), self.inputs,
                                     grad_accum_steps=plan.grad_accum_steps, all_true=ctx.all_true,
-                                    device=ctx.device, callbacks=self.callbacks, owner=self)
+                                    device=ctx.device, callbacks=self.callbacks, owner=self,
+                                    all_sum=ctx.all_sum, world_size=ctx.world_size)
         self.metrics = TrainMetrics(
             self.sink, mean=ctx.mean, world_size=ctx.world_size, flops_per_image=plan.train_flops_per_image,
             peak_per_device=peak_tflops(config.logging.peak_tflops),
@@ -133,7 +134,9 @@ class Trainer:
             batches = (m for b in self.loader for m in micro_batches(b, self.plan.grad_accum_steps))
             while state.step < self.stop_at:
                 result = self.train_step(batches, keep_batches=self._next_skip_is_fatal())
-                if not result.applied:
+                if result.applied:
+                    state.samples_seen += result.images
+                else:
                     self.skip_nonfinite(result)
                 state.advance(self.plan.steps_per_epoch)
                 if self.ema and self.should_update_ema(state.step):
@@ -141,7 +144,7 @@ class Trainer:
                 self.metrics.step_end(result.loss, applied=result.applied, images=result.images,
                                       data_wait=result.data_wait)
                 if self.should_log(state.step):
-                    self.metrics.log(state.step, self.optimizer_metrics())
+                    self.metrics.log(state.step, {**self.optimizer_metrics(), "samples_seen": state.samples_seen})
                 if self.should_eval(state.step):
                     self.metrics.log_eval(state.step, self.evaluate())
                 if self.should_save(state.step):
@@ -166,7 +169,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Top-1 and cross-entropy on the eval split; padded duplicates across ranks are counted once."""
+        """Top-1 and cross-entropy on the eval split; padded duplicates across ranks are counted once, masked
+        samples (duplicates the sharding found, ``data.py``) not at all."""
         limit, ctx = self.config.eval.max_samples, self.ctx
         self.engine.eval()
         rows = []
@@ -178,7 +182,8 @@ class Trainer:
             logits = self.engine(x).float()
             loss = F.cross_entropy(logits, y, reduction="none")
             correct = logits.argmax(-1).eq(y)
-            rows += zip(batch["idx"].tolist(), loss.tolist(), correct.tolist())
+            rows += [r for r, keep in zip(zip(batch["idx"].tolist(), loss.tolist(), correct.tolist()),
+                                          batch["keep"].tolist()) if keep]  # masked: counted through its twin
         self.engine.train()
         unique = {idx: (loss, correct) for idx, loss, correct in ctx.gather(rows)}
         if not unique:
