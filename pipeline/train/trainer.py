@@ -22,7 +22,7 @@ from pipeline.train import callbacks as callbacks_
 from pipeline.train import export
 from pipeline.train.cadence import Cadence
 from pipeline.train.checkpoint import CheckpointManager, tag_for
-from pipeline.train.config import TrainConfig, make_plan
+from pipeline.train.config import ConfigError, TrainConfig, check_canonical_nodes, make_plan
 from pipeline.train.data import (
     build_eval_loader,
     build_train_loader,
@@ -81,6 +81,7 @@ class Trainer:
                  callbacks: Iterable[callbacks_.Callback] = ()) -> None:
         self.config = config
         self.ctx = ctx = setup_distributed()
+        check_nodes(config, ctx)  # before any compute: streaming would fail (or hang) on a world it cannot split
         self.plan = plan = make_plan(config, ctx.world_size)
         self.out = Path(config.output_dir)
         self.checkpoints = CheckpointManager(self.out / "checkpoints", keep_last=config.checkpoint.keep_last,
@@ -282,6 +283,18 @@ class Trainer:
         elif self.ctx.local_rank == 0 and (n := release_stale_shared_memory(local_dirs(self.config))):
             self.ctx.print(f"released streaming shared memory left by a crashed run ({n} set(s))", all_ranks=True)
         self.ctx.barrier()
+
+
+def check_nodes(config: TrainConfig, ctx) -> None:
+    """Collective. Every rank's node must hold as many ranks as the others (streaming reads its node count as
+    ``WORLD_SIZE // LOCAL_WORLD_SIZE``), and that node count must suit ``data.num_canonical_nodes``. The same
+    ConfigError on every rank, before any compute (a Ray Train restart on a size that cannot work fails here)."""
+    sizes = sorted(set(ctx.gather([ctx.local_world_size])))
+    if len(sizes) > 1:
+        raise ConfigError(f"data.num_canonical_nodes: the {ctx.world_size} ranks are spread unevenly over the nodes "
+                          f"({' / '.join(map(str, sizes))} ranks on a node); streaming needs the same number of "
+                          "ranks on every node")
+    check_canonical_nodes(config, ctx.world_size, sizes[0])
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
