@@ -70,3 +70,16 @@ def s3_bucket(s3_endpoint: str) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     s3_client().create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def masked_shards(tmp_path_factory) -> str:
+    """A local dataset root with masked samples in both splits: synthetic images (4 classes), every 5th a copy of
+    the one before it in another class, dealt into parts of ~32 so that most copies are found across parts."""
+    from pipeline.data import shard_dataset
+
+    out = tmp_path_factory.mktemp("masked-shards")
+    result = shard_dataset("synthetic:n=320,classes=4,dup_every=5", str(out), executor="local", part_size=32,
+                           minival_fraction=0.2, progress=False)
+    assert all(split["masked"] for split in result.manifest["splits"].values())
+    return result.uri

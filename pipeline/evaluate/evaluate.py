@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline import storage
-from pipeline.data.manifest import load_manifest
+from pipeline.data.manifest import is_kept, load_manifest, masked_indices
 from pipeline.evaluate.metrics import MetricAccumulator
 from pipeline.evaluate.plots import confusion_or_per_class, reliability_diagram
 from pipeline.evaluate.preprocessing import Preprocessing
@@ -46,7 +46,9 @@ def read_manifest(data: str) -> dict[str, Any]:
 
 
 def _batches(data: str, split: str, pre: Preprocessing, *, batch_size: int, num_workers: int,
-             max_samples: int | None) -> Iterator[dict]:
+             max_samples: int | None, masked: np.ndarray | None = None) -> Iterator[dict]:
+    """The split's samples in order, less the ``masked`` indices (duplicates the sharding job found after
+    writing them: each image is scored once); ``max_samples`` counts what is yielded."""
     from torch.utils.data import DataLoader
 
     split_uri = storage.join(data, split)
@@ -62,6 +64,11 @@ def _batches(data: str, split: str, pre: Preprocessing, *, batch_size: int, num_
         loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, persistent_workers=False)
         seen = 0
         for batch in loader:
+            if masked is not None and masked.size:
+                keep = is_kept(masked, batch["idx"].numpy())
+                if not keep.all():
+                    batch = {k: v[torch.from_numpy(keep)] if isinstance(v, torch.Tensor)
+                             else [x for x, k_ in zip(v, keep) if k_] for k, v in batch.items()}
             if max_samples is not None and seen + len(batch["label"]) > max_samples:
                 keep = max_samples - seen
                 batch = {k: v[:keep] for k, v in batch.items()}
@@ -112,13 +119,14 @@ def evaluate(
     acc = {k: MetricAccumulator(source.num_classes) for k in models}
     keys: list[str] = []
     labels: list[np.ndarray] = []
-    total = int(manifest.get("splits", {}).get(split, {}).get("samples", 0)) or None
+    masked = masked_indices(manifest, split)
+    total = int(manifest.get("splits", {}).get(split, {}).get("samples", 0)) - masked.size or None
     if max_samples is not None and total is not None:
         total = min(total, max_samples)
     bar = _progress(total, progress, f"evaluate {split}")
     first = True
     for batch in _batches(manifest["root"], split, source.preprocessing, batch_size=batch_size, num_workers=num_workers,
-                          max_samples=max_samples):
+                          max_samples=max_samples, masked=masked):
         x = batch["image"].to(dev, torch.float32)
         y = batch["label"]
         for name, m in models.items():

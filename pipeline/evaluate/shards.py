@@ -10,7 +10,7 @@ from pipeline.evaluate.preprocessing import Preprocessing
 
 
 class DecodedShards(StreamingDataset):
-    """MDS rows (image bytes, label, key) -> {"image": tensor, "label": int, "key": str}."""
+    """MDS rows (image bytes, label, key) -> {"image": tensor, "label": int, "key": str, "idx": int}."""
 
     def __init__(self, pre: Preprocessing, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -18,4 +18,5 @@ class DecodedShards(StreamingDataset):
 
     def __getitem__(self, idx: int) -> dict:
         row = super().__getitem__(idx)
-        return {"image": self.pre.decode(row["image"]), "label": int(row["label"]), "key": str(row.get("key", idx))}
+        return {"image": self.pre.decode(row["image"]), "label": int(row["label"]), "key": str(row.get("key", idx)),
+                "idx": int(idx)}

@@ -78,7 +78,9 @@ class DataConfig:
     cache_limit: Str | None = None
     num_workers: Annotated[Int, NonNegative] = 4
     prefetch_factor: Int = 2
-    # Pinned so the global sample order does not depend on how many nodes/GPUs run the job.
+    # Pinned so the global sample order does not depend on how many nodes/GPUs run the job. Streaming needs it
+    # and the number of nodes to divide one another (check_canonical_nodes): a power of two N runs on 1..N nodes
+    # in powers of two, and on any multiple of N.
     num_canonical_nodes: Annotated[Int, Field(ge=1)] = 1
     shuffle_algo: Str = "py1e"
     # None: the run's seed.
@@ -482,6 +484,35 @@ def read_manifest(cfg: TrainConfig) -> dict:
         return json.loads(storage.read_text(uri))
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"data.root: cannot read {uri} ({type(e).__name__}: {e})") from e
+
+
+def node_count_problem(num_canonical_nodes: int, world_size: int, ranks_per_node: int) -> str | None:
+    """Why streaming cannot partition the samples over ``world_size`` ranks, ``ranks_per_node`` on each node
+    (None when it can).
+
+    Streaming's partition (``streaming/base/partition/orig.py``; ``relaxed.py`` calls it for a first start and
+    whenever the counts divide) needs the canonical and the physical nodes to divide one another; its physical
+    nodes are ``WORLD_SIZE // LOCAL_WORLD_SIZE`` (``streaming/base/world.py``), every node with the same number of
+    ranks. ``relaxed`` would accept other node counts on a resume, but re-deals the first run's partition assuming
+    the same ranks per node; the trainer holds every run to the divisibility, which keeps the sample order the
+    canonical one on any world size.
+    """
+    if ranks_per_node < 1 or world_size % ranks_per_node:
+        return (f"{world_size} ranks do not spread evenly over nodes of {ranks_per_node} ranks (streaming needs "
+                f"the same number of ranks on every node)")
+    nodes = world_size // ranks_per_node
+    if max(nodes, num_canonical_nodes) % min(nodes, num_canonical_nodes):
+        return (f"{num_canonical_nodes} and the {nodes} nodes ({world_size} ranks, {ranks_per_node} per node) do not "
+                f"divide one another, which streaming requires; choose a data.num_canonical_nodes that the node "
+                f"count divides or is a multiple of (a power of two such as 64 covers 1..64 nodes in powers of two)")
+    return None
+
+
+def check_canonical_nodes(cfg: TrainConfig, world_size: int, ranks_per_node: int) -> None:
+    """Raise ConfigError naming ``data.num_canonical_nodes`` when streaming cannot use this world."""
+    problem = node_count_problem(cfg.data.num_canonical_nodes, world_size, ranks_per_node)
+    if problem:
+        raise ConfigError(f"data.num_canonical_nodes: {problem}")
 
 
 def check_shards(cfg: TrainConfig) -> None:

@@ -12,6 +12,11 @@ deals the samples of a global batch to the ranks by striding too, so micro-batch
 holds the global batch's samples ``k, k + M, k + 2M, ...`` (M micro-batches per step) on any
 number of ranks and nodes: BatchNorm statistics, MixUp pairs, and so the loss curve, stay the
 same when a run resumes on another world size with the same global batch.
+
+Samples the sharding job *masked* (duplicates found across its parts after their shards were written:
+manifest ``splits[split]["masked"]``) stay in the stream, so that streaming's order, its resume state
+and the static batch shapes are those of the shards; each sample carries ``keep`` (False when masked),
+which zeroes its weight in the loss (``loss.py``, ``step.py``), the sample counts and evaluation.
 """
 
 from __future__ import annotations
@@ -21,17 +26,19 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from streaming import StreamingDataLoader, StreamingDataset
 
-from pipeline.train.config import Plan, TrainConfig, split_uri
+from pipeline.data.manifest import is_kept, masked_indices
+from pipeline.train.config import Plan, TrainConfig, read_manifest, split_uri
 from pipeline.train.streaming_shm import release_stale_shared_memory
 from pipeline.train.transforms import augment_seed, eval_resize, to_uint8_hwc, train_augment
 
 # release_stale_shared_memory: re-exported, the trainer's entry to streaming_shm.
-__all__ = ["ImageShards", "build_eval_loader", "build_train_loader", "cache_root", "decode", "local_dirs",
-           "release_stale_shared_memory", "streaming_env"]
+__all__ = ["ImageShards", "build_eval_loader", "build_train_loader", "cache_root", "decode", "is_kept", "local_dirs",
+           "masked_indices", "release_stale_shared_memory", "streaming_env"]
 
 
 def streaming_env(rank: int, world_size: int, local_rank: int, local_world_size: int) -> None:
@@ -54,16 +61,20 @@ def decode(data: bytes) -> Image.Image:
 
 
 class ImageShards(StreamingDataset):
-    """MDS rows (image bytes, label, key) -> {"image": uint8 (H, W, 3) tensor, "label": int, "idx": int, "key": str}.
+    """MDS rows (image bytes, label, key) -> {"image": uint8 (H, W, 3) tensor, "label": int, "idx": int, "key": str,
+    "keep": bool}.
 
     ``transform``: PIL image -> PIL image (``transforms.train_augment`` or ``eval_resize``); with ``aug_seed``
-    its draws are seeded by (aug_seed, epoch, sample id).
+    its draws are seeded by (aug_seed, epoch, sample id). ``masked``: sorted sample indices whose ``keep`` is
+    False (``masked_indices``).
     """
 
-    def __init__(self, *, transform: Callable, aug_seed: int | None, **kwargs) -> None:
+    def __init__(self, *, transform: Callable, aug_seed: int | None, masked: np.ndarray | None = None,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.transform = transform
         self.aug_seed = aug_seed
+        self.masked = np.zeros(0, dtype=np.int64) if masked is None else masked
 
     def __getitem__(self, idx: int) -> dict:
         row = super().__getitem__(idx)
@@ -77,7 +88,7 @@ class ImageShards(StreamingDataset):
                 torch.default_generator.manual_seed(augment_seed(self.aug_seed, self.next_epoch - 1, idx))
                 img = self.transform(img)
         return {"image": to_uint8_hwc(img), "label": int(row["label"]), "idx": int(idx),
-                "key": str(row.get("key", idx))}
+                "key": str(row.get("key", idx)), "keep": bool(is_kept(self.masked, idx))}
 
 
 def micro_batches(batch: dict, accum: int) -> list[dict]:
@@ -108,6 +119,7 @@ def build_train_loader(cfg: TrainConfig, plan: Plan, *, dataset: Callable[..., I
     ds = dataset(
         transform=transform or train_augment(cfg.augment, cfg.model.img_size),
         aug_seed=cfg.seed,
+        masked=masked_indices(read_manifest(cfg), cfg.data.train_split),
         remote=split_uri(cfg, cfg.data.train_split),
         local=_local(cfg, "train", cfg.data.train_split),
         cache_limit=cfg.data.cache_limit,
@@ -138,6 +150,7 @@ def build_eval_loader(cfg: TrainConfig) -> StreamingDataLoader:
     ds = ImageShards(
         transform=eval_resize(cfg.augment, cfg.eval, cfg.model.img_size),
         aug_seed=None,
+        masked=masked_indices(read_manifest(cfg), cfg.data.eval_split),
         remote=split_uri(cfg, cfg.data.eval_split),
         local=_local(cfg, "eval", cfg.data.eval_split),
         cache_limit=cfg.data.cache_limit,

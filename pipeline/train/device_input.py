@@ -73,5 +73,10 @@ def to_device(batch: dict, device: torch.device | str, dtype: torch.dtype, cfg: 
     y = batch["label"].to(x.device, non_blocking=True)
     mix = batch_mix(aug, mix_classes) if mix_classes else None
     if mix is not None:
+        # Masked samples (``keep`` False: duplicates the sharding found, data.py) are mixed like the others. Their
+        # own slot weighs 0 in the loss (step.py), so what remains of one is its partner share in a neighbour's
+        # mix, the share every image of a batch gives as a partner. Taking them out of the mix would change the
+        # batch's pairs and draws, which are seeded by its sample ids so that any world size and any resume
+        # reproduce them, and would make the mix depend on the manifest rather than on the samples.
         x, y = mix_batch(x, y, batch["idx"], mix, cfg.seed)
     return x.to(dtype), y

@@ -60,6 +60,12 @@ class DistContext:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item())
 
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks, on the device: one all-reduce, queued without a host synchronisation."""
+        t = values.detach().clone()
+        dist.all_reduce(t)
+        return t
+
     def mean(self, values: torch.Tensor) -> list[float]:
         """The mean over ranks of each element of ``values`` (one all-reduce, one host synchronisation)."""
         t = values.detach().to(self.device, torch.float64).clone().reshape(-1)

@@ -49,6 +49,12 @@ class RayTrainOptions(BaseModel):
     min_workers: PositiveInt | None = Field(None, description="elastic: a restart may continue on as few as N "
                                                               "workers (default: always --num-workers)",
                                             json_schema_extra=_meta("N"))
+    # Streaming needs every node to hold the same number of ranks and data.num_canonical_nodes to divide or be a
+    # multiple of the node count: with this, launch checks the world size and every elastic restart size first.
+    workers_per_node: PositiveInt | None = Field(None, description="workers Ray Train places on one node (its GPUs / "
+                                                                   "--gpus-per-worker); needed with --min-workers "
+                                                                   "(default: checked when the workers start)",
+                                                 json_schema_extra=_meta("N"))
 
 
 class RayOptions(RayTrainOptions):

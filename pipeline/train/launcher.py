@@ -25,11 +25,13 @@ from pipeline.train.config import (
     ConfigError,
     Plan,
     TrainConfig,
+    check_canonical_nodes,
     check_shards,
     dataset_root,
     from_dict,
     load_config,
     make_plan,
+    node_count_problem,
 )
 from pipeline.train.launch_options import LAUNCHERS, RayOptions
 from pipeline.train.trainer import RESULT_FILE, TrainResult
@@ -102,8 +104,12 @@ def launch(config_or_path: TrainConfig | str | os.PathLike, overrides=(), *, lau
     world = (ray.num_workers or nproc) if launcher == "ray" and ray else nproc
     cfg = absolutize(resolve(config_or_path, overrides))
     make_plan(cfg, world, with_counts=False)
+    if launcher != "ray":
+        check_canonical_nodes(cfg, world, world)  # the process launchers start one node's ranks
+    elif ray and ray.workers_per_node:
+        check_canonical_nodes(cfg, world, min(world, ray.workers_per_node))
     if launcher == "ray" and ray and ray.min_workers is not None:
-        _check_elastic(cfg, ray.min_workers, world)
+        _check_elastic(cfg, ray.min_workers, world, ray.workers_per_node)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / "config.yaml"
@@ -228,13 +234,31 @@ def _ray_train_fn(loop_config: dict) -> None:
     ray.train.report({"step": result.step, "finished": result.finished})
 
 
-def _check_elastic(cfg: TrainConfig, min_workers: int, world: int) -> None:
-    """The smallest world must split the global batch; name the sizes in between that cannot."""
+def _check_elastic(cfg: TrainConfig, min_workers: int, world: int, workers_per_node: int | None) -> None:
+    """The smallest world must split the global batch, and every size Ray Train may restart on must suit
+    streaming (``data.num_canonical_nodes``); name the sizes in between that cannot split the batch."""
     if not 1 <= min_workers <= world:
         raise ConfigError(f"min_workers: {min_workers} must be between 1 and the {world} workers")
     from pipeline.train.config import batch_split
 
     batch_split(cfg, min_workers)
+    if min_workers < world:
+        # Ray Train restarts on whatever fits the free resources, any size in (min, max), packed onto nodes: a
+        # size streaming cannot partition would fail every restart, so such a range is refused here.
+        if workers_per_node is None:
+            raise ConfigError(f"min_workers: an elastic range ({min_workers}..{world} workers) needs "
+                              "workers_per_node (--workers-per-node), to check every restart size against "
+                              "data.num_canonical_nodes")
+        invalid = [w for w in range(min_workers, world + 1)
+                   if node_count_problem(cfg.data.num_canonical_nodes, w, min(w, workers_per_node))]
+        if invalid:
+            shown = ", ".join(map(str, invalid[:8])) + (", ..." if len(invalid) > 8 else "")
+            raise ConfigError(
+                f"data.num_canonical_nodes: Ray Train may restart on any of {min_workers}..{world} workers, and "
+                f"streaming cannot partition the data over {shown} of them ({workers_per_node} per node, "
+                f"num_canonical_nodes={cfg.data.num_canonical_nodes}: every node needs the same number of "
+                "workers and the node count must divide or be a multiple of num_canonical_nodes); use a fixed "
+                "size (no min_workers) or a range whose every size qualifies")
     bad = []
     for w in range(min_workers, world):
         try:

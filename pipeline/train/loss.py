@@ -1,6 +1,10 @@
 """Classification losses: softmax cross-entropy and the paper's sigmoid loss for ImageNet-21K.
 
-Both take integer labels or soft targets (rows summing to 1, from MixUp/CutMix).
+Both take integer labels or soft targets (rows summing to 1, from MixUp/CutMix). Called as ``loss(logits,
+target)`` they are the mean over the batch; ``loss(logits, target, weight, normaliser)`` is
+``sum(weight * per-sample loss) / normaliser``: the trainer weighs masked samples (``data.py``) 0 and
+passes the step's kept samples as the normaliser (``step.py``), so that every kept sample of an optimizer
+step weighs the same, whichever micro-batch and rank it landed on.
 """
 
 from __future__ import annotations
@@ -12,18 +16,32 @@ from torch import nn
 from pipeline.train.config import LossConfig
 
 
+def weighted_mean(per_sample: torch.Tensor, weight: torch.Tensor | None,
+                  normaliser: torch.Tensor | float | None) -> torch.Tensor:
+    """``per_sample.mean()`` without a weight, else ``sum(weight * per_sample) / normaliser``."""
+    if weight is None:
+        return per_sample.mean()
+    return (per_sample * weight.to(per_sample.dtype)).sum() / normaliser
+
+
 class SoftmaxCrossEntropy(nn.Module):
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.label_smoothing = label_smoothing
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def per_sample(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         if target.ndim == 1:
-            return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+            return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing, reduction="none")
         n = logits.shape[-1]
         target = target.float() * (1.0 - self.label_smoothing) + self.label_smoothing / n
-        return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                normaliser: torch.Tensor | float | None = None) -> torch.Tensor:
+        if weight is None and target.ndim == 1:  # the fused mean, as before weights existed
+            return F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
+        return weighted_mean(self.per_sample(logits, target), weight, normaliser)
 
 
 class SigmoidBinaryCrossEntropy(nn.Module):
@@ -38,13 +56,17 @@ class SigmoidBinaryCrossEntropy(nn.Module):
         super().__init__()
         self.label_smoothing = label_smoothing
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def per_sample(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         n = logits.shape[-1]
         if target.ndim == 1:
             target = F.one_hot(target, n)
         target = target.float() * (1.0 - self.label_smoothing) + self.label_smoothing / n
-        return F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1).mean()
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                normaliser: torch.Tensor | float | None = None) -> torch.Tensor:
+        return weighted_mean(self.per_sample(logits, target), weight, normaliser)
 
 
 def build_loss(cfg: LossConfig) -> nn.Module:

@@ -185,7 +185,7 @@ class TrainMetrics:
 
     def step_end(self, loss: torch.Tensor, *, applied: bool, images: int, data_wait: float) -> None:
         self.timer.waited(data_wait)
-        self.timer.images += images * self.world_size
+        self.timer.images += images  # the step's kept samples on every rank (masked ones do not count)
         self.timer.steps += 1
         self._loss = loss.detach().double()
         if applied:  # a discarded step's loss is not finite; the window averages the steps taken

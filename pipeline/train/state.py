@@ -11,6 +11,7 @@ class TrainState:
     epoch: int = 0
     step_in_epoch: int = 0
     nonfinite_skips: int = 0
+    samples_seen: int = 0  # kept (not masked) samples of the applied steps, every rank's
     mlflow_run_id: str | None = None
 
     def advance(self, steps_per_epoch: int) -> None:

@@ -22,7 +22,7 @@ from pipeline.train import callbacks as callbacks_
 from pipeline.train import export
 from pipeline.train.cadence import Cadence
 from pipeline.train.checkpoint import CheckpointManager, tag_for
-from pipeline.train.config import TrainConfig, make_plan
+from pipeline.train.config import ConfigError, TrainConfig, check_canonical_nodes, make_plan
 from pipeline.train.data import (
     build_eval_loader,
     build_train_loader,
@@ -81,6 +81,7 @@ class Trainer:
                  callbacks: Iterable[callbacks_.Callback] = ()) -> None:
         self.config = config
         self.ctx = ctx = setup_distributed()
+        check_nodes(config, ctx)  # before any compute: streaming would fail (or hang) on a world it cannot split
         self.plan = plan = make_plan(config, ctx.world_size)
         self.out = Path(config.output_dir)
         self.checkpoints = CheckpointManager(self.out / "checkpoints", keep_last=config.checkpoint.keep_last,
@@ -120,7 +121,8 @@ class Trainer:
             self.callbacks.callbacks.append(callbacks_.RecordSamples(self.out, ctx.rank))
         self.train_step = TrainStep(self.engine, build_loss(config.loss), self.inputs,
                                     grad_accum_steps=plan.grad_accum_steps, all_true=ctx.all_true,
-                                    device=ctx.device, callbacks=self.callbacks, owner=self)
+                                    device=ctx.device, callbacks=self.callbacks, owner=self,
+                                    all_sum=ctx.all_sum, world_size=ctx.world_size)
         self.metrics = TrainMetrics(
             self.sink, mean=ctx.mean, world_size=ctx.world_size, flops_per_image=plan.train_flops_per_image,
             peak_per_device=peak_tflops(config.logging.peak_tflops),
@@ -133,7 +135,9 @@ class Trainer:
             batches = (m for b in self.loader for m in micro_batches(b, self.plan.grad_accum_steps))
             while state.step < self.stop_at:
                 result = self.train_step(batches, keep_batches=self._next_skip_is_fatal())
-                if not result.applied:
+                if result.applied:
+                    state.samples_seen += result.images
+                else:
                     self.skip_nonfinite(result)
                 state.advance(self.plan.steps_per_epoch)
                 if self.ema and self.should_update_ema(state.step):
@@ -141,7 +145,7 @@ class Trainer:
                 self.metrics.step_end(result.loss, applied=result.applied, images=result.images,
                                       data_wait=result.data_wait)
                 if self.should_log(state.step):
-                    self.metrics.log(state.step, self.optimizer_metrics())
+                    self.metrics.log(state.step, {**self.optimizer_metrics(), "samples_seen": state.samples_seen})
                 if self.should_eval(state.step):
                     self.metrics.log_eval(state.step, self.evaluate())
                 if self.should_save(state.step):
@@ -166,7 +170,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Top-1 and cross-entropy on the eval split; padded duplicates across ranks are counted once."""
+        """Top-1 and cross-entropy on the eval split; padded duplicates across ranks are counted once, masked
+        samples (duplicates the sharding found, ``data.py``) not at all."""
         limit, ctx = self.config.eval.max_samples, self.ctx
         self.engine.eval()
         rows = []
@@ -178,7 +183,8 @@ class Trainer:
             logits = self.engine(x).float()
             loss = F.cross_entropy(logits, y, reduction="none")
             correct = logits.argmax(-1).eq(y)
-            rows += zip(batch["idx"].tolist(), loss.tolist(), correct.tolist())
+            rows += [r for r, keep in zip(zip(batch["idx"].tolist(), loss.tolist(), correct.tolist()),
+                                          batch["keep"].tolist()) if keep]  # masked: counted through its twin
         self.engine.train()
         unique = {idx: (loss, correct) for idx, loss, correct in ctx.gather(rows)}
         if not unique:
@@ -277,6 +283,18 @@ class Trainer:
         elif self.ctx.local_rank == 0 and (n := release_stale_shared_memory(local_dirs(self.config))):
             self.ctx.print(f"released streaming shared memory left by a crashed run ({n} set(s))", all_ranks=True)
         self.ctx.barrier()
+
+
+def check_nodes(config: TrainConfig, ctx) -> None:
+    """Collective. Every rank's node must hold as many ranks as the others (streaming reads its node count as
+    ``WORLD_SIZE // LOCAL_WORLD_SIZE``), and that node count must suit ``data.num_canonical_nodes``. The same
+    ConfigError on every rank, before any compute (a Ray Train restart on a size that cannot work fails here)."""
+    sizes = sorted(set(ctx.gather([ctx.local_world_size])))
+    if len(sizes) > 1:
+        raise ConfigError(f"data.num_canonical_nodes: the {ctx.world_size} ranks are spread unevenly over the nodes "
+                          f"({' / '.join(map(str, sizes))} ranks on a node); streaming needs the same number of "
+                          "ranks on every node")
+    check_canonical_nodes(config, ctx.world_size, sizes[0])
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

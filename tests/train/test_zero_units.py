@@ -90,12 +90,12 @@ def test_elastic_ray_launch_checks_the_smallest_world(capsys):
 
     demo = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "demo.yaml"
     cfg = load_config(demo, ["train.global_batch_size=64", "train.micro_batch_size=16"], check_data=False)
-    _check_elastic(cfg, 1, 4)  # 1, 2 and 4 ranks split 64 into micro-batches of 16; 3 does not
+    _check_elastic(cfg, 1, 4, 4)  # 1, 2 and 4 ranks split 64 into micro-batches of 16; 3 does not
     assert "restart on 3 workers cannot split train.global_batch_size=64" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="train.global_batch_size"):
-        _check_elastic(cfg, 3, 4)
+        _check_elastic(cfg, 3, 4, 4)
     with pytest.raises(ConfigError, match="min_workers"):
-        _check_elastic(cfg, 5, 4)
+        _check_elastic(cfg, 5, 4, 4)
 
 
 def test_zero_memory_benchmark_fits_replicated_plus_partitioned():
