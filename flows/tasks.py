@@ -21,6 +21,7 @@ from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
 from flows.params import DataSpec, StagePlan, TrainingTarget
+from pipeline.artifacts import Manifest
 
 IO_RETRIES = int(os.environ.get("COATNET_FLOW_IO_RETRIES", "3"))
 IO_BACKOFF_S = float(os.environ.get("COATNET_FLOW_IO_BACKOFF_S", "10"))
@@ -117,14 +118,14 @@ def shard(spec: DataSpec, out: str) -> dict[str, Any]:
 
 
 def dataset_info(uri: str, manifest: Mapping[str, Any], *, skipped: bool, source: str | None = None) -> dict:
-    splits = manifest.get("splits") or {}
+    m = Manifest.model_validate(manifest)
     return {
-        "source": source or manifest.get("source"),
+        "source": source or m.source,
         "uri": uri,
-        "num_classes": manifest.get("num_classes"),
-        "samples": {k: (v.get("samples") if isinstance(v, Mapping) else v) for k, v in splits.items()},
-        "manifest_hash": manifest.get("manifest_hash"),
-        "config_hash": manifest.get("config_hash"),
+        "num_classes": m.num_classes,
+        "samples": {k: v.samples for k, v in m.splits.items()},
+        "manifest_hash": m.manifest_hash,
+        "config_hash": m.config_hash,
         "skipped": skipped,
     }
 

@@ -12,7 +12,8 @@ hash identifies the content, not the run).
 
 Versioned layout: ``shard_dataset(out=X)`` writes the dataset root ``X/cfg-<config hash[:12]>/``
 and, once finished, ``X/LATEST`` naming it. A different config never writes into another
-config's root. ``resolve_root`` accepts either the root or ``X``.
+config's root. ``resolve_root`` accepts either the root or ``X``. Reading a manifest (``load_manifest``,
+typed: ``pipeline.artifacts.read_manifest``) is part of the contract between stages, in ``pipeline.artifacts``.
 """
 
 from __future__ import annotations
@@ -21,17 +22,14 @@ import hashlib
 import json
 from importlib import metadata
 
-from pipeline import storage
-from pipeline.errors import UserError
+from pipeline.artifacts import DATASET_LATEST as LATEST
+from pipeline.artifacts import MANIFEST, ManifestNotFound, load_manifest, resolve_root
 
-MANIFEST = "manifest.json"
-LATEST = "LATEST"
+__all__ = ["FORMAT", "LATEST", "MANIFEST", "ManifestNotFound", "canonical_hash", "code_version", "format_summary",
+           "load_manifest", "manifest_hash", "resolve_root"]
+
 FORMAT = "coatnet-shards/1"
 _UNHASHED = ("manifest_hash", "run")
-
-
-class ManifestNotFound(UserError, FileNotFoundError):
-    """No finished dataset at the given location."""
 
 
 def canonical_hash(obj) -> str:
@@ -47,25 +45,6 @@ def code_version() -> str:
         return f"coatnet-pipeline {metadata.version('coatnet-pipeline')}"
     except metadata.PackageNotFoundError:
         return "coatnet-pipeline (not installed)"
-
-
-def resolve_root(uri: str) -> str:
-    """The dataset root for ``uri``: itself if it holds a manifest, else the root ``uri/LATEST`` names."""
-    if storage.exists(storage.join(uri, MANIFEST)):
-        return uri
-    pointer = storage.join(uri, LATEST)
-    if storage.exists(pointer):
-        return storage.join(uri, storage.read_text(pointer).strip())
-    raise ManifestNotFound(f"no {MANIFEST} at {uri} (nor a {LATEST} pointer): is the sharding job finished? "
-                           "(`coatnet shard` writes it last)")
-
-
-def load_manifest(uri: str) -> dict:
-    """The manifest of the dataset at ``uri`` (a dataset root, or the ``out`` given to ``shard_dataset``)."""
-    root = resolve_root(uri)
-    manifest = json.loads(storage.read_text(storage.join(root, MANIFEST)))
-    manifest.setdefault("root", root)
-    return manifest
 
 
 def _fmt_bytes(n: float) -> str:

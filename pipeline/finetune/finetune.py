@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from pipeline import storage
+from pipeline.artifacts import read_manifest
 from pipeline.finetune.config import FinetuneConfig, load_finetune_config
 from pipeline.finetune.consolidate import CheckpointNotFound, consolidate, resolve_checkpoint
 from pipeline.finetune.head import HeadInit, class_children, init_head
@@ -72,10 +73,8 @@ def load_source_classes(spec: str) -> tuple[list[str], Any, list[str] | None, st
         from pipeline.data.synsets import synsets
 
         return list(synsets(spec[len(TIMM_PREFIX):])), None, None, None
-    from pipeline.data.manifest import load_manifest
-
-    m = load_manifest(spec)
-    return list(m["classes"]), m.get("parent_map"), m.get("parent_classes"), m.get("manifest_hash")
+    m = read_manifest(spec)
+    return list(m.classes), m.parent_map, m.parent_classes, m.manifest_hash
 
 
 def _load_safetensors(uri: str) -> dict[str, torch.Tensor]:
@@ -158,16 +157,14 @@ def prepare_init_weights(cfg: FinetuneConfig, *, force: bool = False) -> Prepare
     """Write ``{output_dir}/finetune/init.safetensors`` (consolidated, head mapped) unless already there."""
     from safetensors.torch import save_file
 
-    from pipeline.data.manifest import load_manifest
-
     work = Path(cfg.train.output_dir, FINETUNE_DIR)
     work.mkdir(parents=True, exist_ok=True)
-    target = load_manifest(cfg.train.data.root)
-    target_classes = list(target["classes"])
-    num_classes = cfg.train.model.num_classes or int(target["num_classes"])
+    target = read_manifest(cfg.train.data.root)
+    target_classes = list(target.classes)
+    num_classes = cfg.train.model.num_classes or target.num_classes
     if num_classes != len(target_classes):
         raise ConfigError(f"model.num_classes={num_classes} but the dataset has {len(target_classes)} classes")
-    fp = _fingerprint(cfg, target.get("manifest_hash"))
+    fp = _fingerprint(cfg, target.manifest_hash)
     init, meta_path = work / INIT_FILE, work / INIT_META
     if not force and init.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
@@ -245,9 +242,7 @@ def run(
 
 
 def _manifest_hash(root: str) -> str | None:
-    from pipeline.data.manifest import load_manifest
-
-    return load_manifest(root).get("manifest_hash")
+    return read_manifest(root).manifest_hash
 
 
 def read_lineage(run_dir: str) -> dict[str, str | None]:

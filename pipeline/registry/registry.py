@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from pipeline import storage
-from pipeline.evaluate import load_evaluation, load_run, read_manifest
+from pipeline.artifacts import Manifest, read_manifest
+from pipeline.evaluate import load_evaluation, load_run
 from pipeline.finetune import FINETUNE_JSON, read_lineage
 from pipeline.registry.lineage import lineage_tags
 from pipeline.secrets import flatten, scrub, scrub_text
@@ -221,9 +222,9 @@ def _pip_requirements() -> list[str]:
     return reqs
 
 
-def dataset_name(manifest: Mapping[str, Any]) -> str:
+def dataset_name(manifest: Manifest | None) -> str:
     """A short dataset name from a manifest's ``source``: ``digits:size=32`` -> ``digits``."""
-    source = str(manifest.get("source") or "dataset")
+    source = str((manifest and manifest.source) or "dataset")
     kind, _, rest = source.partition(":")
     if kind in ("imagefolder", "folder", "s3", "file") and rest:
         return rest.rstrip("/").rsplit("/", 1)[-1] or kind
@@ -262,7 +263,7 @@ def register(
             f"{model_dir}: its preprocessing {source.preprocessing.to_dict()} differs from the evaluation's "
             f"{ev.get('preprocessing')}; evaluate it again before registering"
         )
-    manifest = read_manifest(ev["data"]) if ev.get("data") else {}
+    manifest = read_manifest(ev["data"]) if ev.get("data") else None
     name = name or model_name(str(source.model_config.get("name", "model")), dataset or dataset_name(manifest))
     lin = {k: v for k, v in read_lineage(str(model_dir)).items() if v}
     lin.setdefault("manifest_hash", ev.get("manifest_hash"))
@@ -281,7 +282,7 @@ def register(
         weights_file=source.weight_files[which],
         model_config=source.model_config,
         preprocessing=source.preprocessing.to_dict(),
-        classes=list(manifest.get("classes") or []) or None,
+        classes=list(manifest.classes) if manifest and manifest.classes else None,
         evaluation={**ev, "registered_weights": which},
         params=params,
         lineage=lin,
