@@ -11,7 +11,6 @@ derived from the run name, so a retried or re-run flow run continues from the ne
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +20,7 @@ from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
 from flows.params import DataSpec, StagePlan, TrainingTarget
-from pipeline.artifacts import Manifest
+from pipeline.artifacts import Manifest, RunDir, TrainResult
 
 IO_RETRIES = int(os.environ.get("COATNET_FLOW_IO_RETRIES", "3"))
 IO_BACKOFF_S = float(os.environ.get("COATNET_FLOW_IO_BACKOFF_S", "10"))
@@ -29,7 +28,9 @@ IO_BACKOFF_S = float(os.environ.get("COATNET_FLOW_IO_BACKOFF_S", "10"))
 
 def as_dict(obj: Any) -> dict[str, Any]:
     """Plain JSON-able dict of a pipeline result (dataclass, namedtuple or mapping)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    if isinstance(obj, TrainResult):  # its unknown keys are kept beside the fields
+        obj = obj.to_dict()
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         obj = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
     elif hasattr(obj, "_asdict"):
         obj = obj._asdict()
@@ -202,7 +203,7 @@ def _launch_ray_job(plan: StagePlan, target: TrainingTarget, run_name: str, stor
     outcome = run_ray_job(spec, log=get_run_logger(), timeout_s=target.timeout_s)
     # The run's exported files, here, where evaluation and registration read them.
     storage.download_dir(outputs_uri, plan.output_dir)
-    result = json.loads(Path(plan.output_dir, "result.json").read_text())
+    result = RunDir(plan.output_dir).read_result().to_dict()
     remote_dir = result["output_dir"]
     local = {k: v.replace(remote_dir, plan.output_dir, 1) if isinstance(v, str) and v.startswith(remote_dir) else v
              for k, v in result.items()}
@@ -272,7 +273,7 @@ def evaluation_summary(report: Mapping[str, Any]) -> dict[str, Any]:
            "top1": best["top1"], "top5": best.get("top5"), "loss": best.get("loss"), "ece": best.get("ece")}
     for name, w in report["weights"].items():
         out[f"{name} top1"] = w["top1"]
-    out["report"] = str(Path(report.get("out_dir", ""), "evaluation.json"))
+    out["report"] = str(Path(report.get("out_dir", ""), RunDir.EVALUATION))
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -301,7 +301,7 @@ class EvaluationReport(_Record):
     def read(cls, path_or_dir: str | Path) -> EvaluationReport:
         """From ``evaluation.json`` or the directory holding it (local or ``s3://``)."""
         uri = str(path_or_dir)
-        if not uri.endswith(".json"):
+        if Path(uri).is_dir() if not storage.is_remote(uri) else not uri.endswith(".json"):
             uri = storage.join(uri, RunDir.EVALUATION)
         return cls.model_validate(json.loads(storage.read_text(uri)))
 

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 from pipeline import storage
-from pipeline.artifacts import MANIFEST
+from pipeline.artifacts import MANIFEST, RunDir
 from pipeline.finetune.config import FinetuneConfig, load_finetune_config
 from pipeline.finetune.consolidate import CheckpointNotFound, resolve_checkpoint
 from pipeline.finetune.finetune import TIMM_PREFIX, PreparedInit, prepare_init_weights
@@ -54,10 +54,10 @@ def _pretrained_problem(pretrained: str) -> str | None:
                 resolve_checkpoint(pretrained)
                 found = True
             except CheckpointNotFound:
-                found = storage.exists(storage.join(pretrained, "model.safetensors"))
+                found = RunDir(pretrained).exists(RunDir.WEIGHTS)
     except Exception as e:  # noqa: BLE001 - bucket, credentials, endpoint: reported, the dry run goes on
         return f"finetune.pretrained: cannot read {pretrained} ({type(e).__name__}: {e})"
-    return None if found else (f"finetune.pretrained: no checkpoint or model.safetensors at {pretrained} yet "
+    return None if found else (f"finetune.pretrained: no checkpoint or {RunDir.WEIGHTS} at {pretrained} yet "
                                "(run its pretraining first)")
 
 

@@ -18,7 +18,7 @@ _EXPORTS = {
     "load_config": "pipeline.train.config",
     "make_plan": "pipeline.train.config",
     "run": "pipeline.train.trainer",
-    "TrainResult": "pipeline.train.trainer",
+    "TrainResult": "pipeline.artifacts",
     "NonFiniteLossError": "pipeline.train.trainer",
     "launch": "pipeline.train.launcher",
     "plan": "pipeline.train.launcher",

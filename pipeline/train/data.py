@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from streaming import StreamingDataLoader, StreamingDataset
 
+from pipeline.artifacts import RunDir
 from pipeline.train.config import Plan, TrainConfig, split_uri
 from pipeline.train.streaming_shm import release_stale_shared_memory
 from pipeline.train.transforms import augment_seed, eval_resize, to_uint8_hwc, train_augment
@@ -86,7 +87,7 @@ def micro_batches(batch: dict, accum: int) -> list[dict]:
 
 
 def cache_root(cfg: TrainConfig) -> Path:
-    return Path(cfg.data.cache_dir or Path(cfg.output_dir, "cache"))
+    return Path(cfg.data.cache_dir or RunDir(cfg.output_dir).local(RunDir.CACHE))
 
 
 def _local(cfg: TrainConfig, role: str, split: str) -> str:
