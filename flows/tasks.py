@@ -21,6 +21,7 @@ from prefect.tasks import exponential_backoff
 
 from flows.params import DataSpec, StagePlan, TrainingTarget
 from pipeline.artifacts import Manifest, RunDir, TrainResult
+from pipeline.train.checkpoint import CheckpointManager
 
 IO_RETRIES = int(os.environ.get("COATNET_FLOW_IO_RETRIES", "3"))
 IO_BACKOFF_S = float(os.environ.get("COATNET_FLOW_IO_BACKOFF_S", "10"))
@@ -135,21 +136,9 @@ def dataset_info(uri: str, manifest: Mapping[str, Any], *, skipped: bool, source
 def resume_point(plan: StagePlan) -> int | None:
     """The step training will resume from (the newest complete checkpoint, local then the store's copy,
     as ``resume="auto"`` chooses), or None for a fresh start; read before launching for the run summary."""
-    from pipeline import storage
-    from pipeline.train.checkpoint import COMPLETE, LATEST, TAG_RE, complete_tags
-
-    tags = complete_tags(Path(plan.checkpoint_dir))
-    remote = plan.train_config.checkpoint.upload_uri
-    if not tags and remote:
-        latest = storage.join(remote, LATEST)
-        if storage.exists(latest):
-            tag = storage.read_text(latest).strip()
-            if storage.exists(storage.join(remote, tag, COMPLETE)):
-                tags = [tag]
-    if not tags:
-        return None
-    m = TAG_RE.match(tags[-1])
-    return int(m.group(1)) if m else None
+    ckpt = plan.train_config.checkpoint
+    return CheckpointManager(plan.checkpoint_dir, keep_last=ckpt.keep_last, upload_uri=ckpt.upload_uri, rank=0,
+                             local_rank=0).resume_step()
 
 
 def train_summary(result: Mapping[str, Any], resumed_from: int | None, mode: str) -> dict[str, Any]:
