@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from pipeline import storage
-from pipeline.artifacts import RunDir, read_manifest
+from pipeline.artifacts import RunDir, TrainResult, read_manifest
 from pipeline.finetune.config import FinetuneConfig, load_finetune_config
 from pipeline.finetune.consolidate import CheckpointNotFound, consolidate, resolve_checkpoint
 from pipeline.finetune.head import HeadInit, class_children, init_head
@@ -52,13 +52,13 @@ class PreparedInit:
 class FinetuneResult:
     output_dir: str
     init: PreparedInit
-    train: Any | None  # pipeline.train.TrainResult; None for a dry run
+    train: TrainResult
     preprocessing: dict = field(default_factory=dict)
     train_config: Any | None = None  # the TrainConfig handed to the trainer (init_weights set)
 
     @property
     def finished(self) -> bool:
-        return bool(self.train and self.train.finished)
+        return self.train.finished
 
 
 # --- the pretraining side ---------------------------------------------------------------------
@@ -204,7 +204,6 @@ def run(
     launcher: str = "local",
     nproc: int | None = None,
     resume: str = "auto",
-    dry_run: bool = False,
     **launch_kwargs: Any,
 ) -> FinetuneResult:
     """Fine-tune: prepare ``init.safetensors``, then ``pipeline.train.launch`` the recipe with it."""
@@ -219,8 +218,6 @@ def run(
     run_dir = RunDir(train_cfg.output_dir)
     out = run_dir.path
     pre = Preprocessing.from_train_config(train_cfg).to_dict()
-    if dry_run:  # checked and prepared; the run's records are left as they are
-        return FinetuneResult(str(out), prepared, None, pre, train_cfg)
     run_dir.write_json(RunDir.PREPROCESSING, pre)
     record = {"init": {**asdict(prepared), "path": str(prepared.path)}, "config": scrub(cfg.to_dict()),
               "data_manifest_hash": _manifest_hash(train_cfg.data.root)}

@@ -21,7 +21,6 @@ _EXPORTS = {
     "TrainResult": "pipeline.artifacts",
     "NonFiniteLossError": "pipeline.train.trainer",
     "launch": "pipeline.train.launcher",
-    "plan": "pipeline.train.launcher",
     "RayOptions": "pipeline.train.launcher",
     "LaunchError": "pipeline.train.launcher",
     "ResumeError": "pipeline.train.checkpoint",

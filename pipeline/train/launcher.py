@@ -24,7 +24,6 @@ from pipeline.errors import UserError
 from pipeline.tracking import resolve_tracking_uri
 from pipeline.train.config import (
     ConfigError,
-    Plan,
     TrainConfig,
     check_shards,
     dataset_root,
@@ -80,13 +79,6 @@ def absolutize(cfg: TrainConfig) -> TrainConfig:
         "checkpoint": {**cfg.to_dict()["checkpoint"], "upload_uri": a(cfg.checkpoint.upload_uri)},
         "logging": {**cfg.to_dict()["logging"], "mlflow_tracking_uri": uri},
     })
-
-
-def plan(config_or_path: TrainConfig | str | os.PathLike, overrides=(), *, nproc: int = 1,
-         check_data: bool = True) -> tuple[TrainConfig, Plan]:
-    """Validate the config and resolve it for ``nproc`` ranks, without training (``--dry-run``)."""
-    cfg = resolve(config_or_path, overrides, check_data=check_data)
-    return cfg, make_plan(cfg, nproc)
 
 
 def launch(config_or_path: TrainConfig | str | os.PathLike, overrides=(), *, launcher: str = "local",
