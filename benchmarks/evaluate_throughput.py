@@ -49,7 +49,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
 
-    from pipeline.evaluate import evaluate, read_manifest
+    from pipeline.artifacts import read_manifest
+    from pipeline.evaluate import evaluate
 
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
@@ -57,7 +58,7 @@ def main() -> None:
             from pipeline.data import shard_dataset
 
             data = shard_dataset("digits", str(Path(tmp, "digits")), executor="local", progress=False).uri
-        n_cls = int(read_manifest(data)["num_classes"])
+        n_cls = read_manifest(data).num_classes
         run = make_run(Path(tmp, "run"), args.model, args.img_size, n_cls)
         kw = dict(split=args.split, batch_size=args.batch_size, num_workers=args.workers, log_mlflow=False,
                   progress=False)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from pipeline import storage
+from pipeline.artifacts import RunDir
 from pipeline.train.launch_options import Launcher, LaunchOptions
 
 
@@ -78,7 +79,7 @@ class StagePlan:
 
     @property
     def checkpoint_dir(self) -> str:
-        return str(Path(self.output_dir, "checkpoints"))
+        return RunDir(self.output_dir).checkpoints
 
     def with_overrides(self, *extra: str) -> StagePlan:
         """The same stage with more overrides (e.g. the dataset root once sharding named it), re-validated."""
@@ -140,7 +141,7 @@ def plan_stage(
     """
     fixed = [f"data.root={data_root}", f"output_dir={output_dir}", f"name={run_name}-{stage}", *extra]
     if storage.is_remote(store):
-        fixed.append(f"checkpoint.upload_uri={storage.join(run_uri(store, run_name, stage), 'checkpoints')}")
+        fixed.append(f"checkpoint.upload_uri={RunDir(run_uri(store, run_name, stage)).checkpoints}")
     if tracking_uri:
         fixed.append(f"logging.mlflow_tracking_uri={tracking_uri}")
     all_overrides = (*overrides, *fixed)

@@ -13,7 +13,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-SKIP_DIRS = ("checkpoints", "logs", "cache", "ray")
+from pipeline.artifacts import RunDir
+
+# Not copied: the trainer uploads the checkpoints itself; logs, the streaming cache and Ray's files stay.
+SKIP_DIRS = (RunDir.CHECKPOINTS, RunDir.LOGS, RunDir.CACHE, "ray")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,7 +11,6 @@ derived from the run name, so a retried or re-run flow run continues from the ne
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +20,8 @@ from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
 from flows.params import DataSpec, StagePlan, TrainingTarget
+from pipeline.artifacts import Manifest, RunDir, TrainResult
+from pipeline.train.checkpoint import CheckpointManager
 
 IO_RETRIES = int(os.environ.get("COATNET_FLOW_IO_RETRIES", "3"))
 IO_BACKOFF_S = float(os.environ.get("COATNET_FLOW_IO_BACKOFF_S", "10"))
@@ -28,7 +29,9 @@ IO_BACKOFF_S = float(os.environ.get("COATNET_FLOW_IO_BACKOFF_S", "10"))
 
 def as_dict(obj: Any) -> dict[str, Any]:
     """Plain JSON-able dict of a pipeline result (dataclass, namedtuple or mapping)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    if isinstance(obj, TrainResult):  # its unknown keys are kept beside the fields
+        obj = obj.to_dict()
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         obj = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
     elif hasattr(obj, "_asdict"):
         obj = obj._asdict()
@@ -117,14 +120,14 @@ def shard(spec: DataSpec, out: str) -> dict[str, Any]:
 
 
 def dataset_info(uri: str, manifest: Mapping[str, Any], *, skipped: bool, source: str | None = None) -> dict:
-    splits = manifest.get("splits") or {}
+    m = Manifest.model_validate(manifest)
     return {
-        "source": source or manifest.get("source"),
+        "source": source or m.source,
         "uri": uri,
-        "num_classes": manifest.get("num_classes"),
-        "samples": {k: (v.get("samples") if isinstance(v, Mapping) else v) for k, v in splits.items()},
-        "manifest_hash": manifest.get("manifest_hash"),
-        "config_hash": manifest.get("config_hash"),
+        "num_classes": m.num_classes,
+        "samples": {k: v.samples for k, v in m.splits.items()},
+        "manifest_hash": m.manifest_hash,
+        "config_hash": m.config_hash,
         "skipped": skipped,
     }
 
@@ -133,21 +136,9 @@ def dataset_info(uri: str, manifest: Mapping[str, Any], *, skipped: bool, source
 def resume_point(plan: StagePlan) -> int | None:
     """The step training will resume from (the newest complete checkpoint, local then the store's copy,
     as ``resume="auto"`` chooses), or None for a fresh start; read before launching for the run summary."""
-    from pipeline import storage
-    from pipeline.train.checkpoint import COMPLETE, LATEST, TAG_RE, complete_tags
-
-    tags = complete_tags(Path(plan.checkpoint_dir))
-    remote = plan.train_config.checkpoint.upload_uri
-    if not tags and remote:
-        latest = storage.join(remote, LATEST)
-        if storage.exists(latest):
-            tag = storage.read_text(latest).strip()
-            if storage.exists(storage.join(remote, tag, COMPLETE)):
-                tags = [tag]
-    if not tags:
-        return None
-    m = TAG_RE.match(tags[-1])
-    return int(m.group(1)) if m else None
+    ckpt = plan.train_config.checkpoint
+    return CheckpointManager(plan.checkpoint_dir, keep_last=ckpt.keep_last, upload_uri=ckpt.upload_uri, rank=0,
+                             local_rank=0).resume_step()
 
 
 def train_summary(result: Mapping[str, Any], resumed_from: int | None, mode: str) -> dict[str, Any]:
@@ -201,7 +192,7 @@ def _launch_ray_job(plan: StagePlan, target: TrainingTarget, run_name: str, stor
     outcome = run_ray_job(spec, log=get_run_logger(), timeout_s=target.timeout_s)
     # The run's exported files, here, where evaluation and registration read them.
     storage.download_dir(outputs_uri, plan.output_dir)
-    result = json.loads(Path(plan.output_dir, "result.json").read_text())
+    result = RunDir(plan.output_dir).read_result().to_dict()
     remote_dir = result["output_dir"]
     local = {k: v.replace(remote_dir, plan.output_dir, 1) if isinstance(v, str) and v.startswith(remote_dir) else v
              for k, v in result.items()}
@@ -271,7 +262,7 @@ def evaluation_summary(report: Mapping[str, Any]) -> dict[str, Any]:
            "top1": best["top1"], "top5": best.get("top5"), "loss": best.get("loss"), "ece": best.get("ece")}
     for name, w in report["weights"].items():
         out[f"{name} top1"] = w["top1"]
-    out["report"] = str(Path(report.get("out_dir", ""), "evaluation.json"))
+    out["report"] = str(Path(report.get("out_dir", ""), RunDir.EVALUATION))
     return {k: v for k, v in out.items() if v is not None}
 
 

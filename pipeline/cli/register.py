@@ -7,6 +7,8 @@ import argparse
 import json
 import sys
 
+from pipeline.artifacts import RunDir
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -35,10 +37,9 @@ def register(subparsers) -> None:
 def main(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from pipeline import storage
     from pipeline.registry import register as register_model
 
-    evaluation = args.evaluation or storage.join(args.model, "eval", "val", "evaluation.json")
+    evaluation = args.evaluation or RunDir(args.model).evaluation("val")
     try:
         r = register_model(args.model, evaluation, name=args.name, dataset=args.dataset, weights=args.weights,
                            margin=args.margin, experiment=args.experiment, tracking_uri=args.tracking_uri)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shlex
 
 from pipeline.cluster.spec import ClusterSpec
+from pipeline.train.launch_options import LaunchOptions
 
 # Node-local NVMe: mounted by the launcher's setup commands (RAID-0 of the instance-store disks) and by the
 # KubeRay pods (an emptyDir on nodes whose ephemeral storage is the instance store).
@@ -62,13 +63,12 @@ def train_overrides(spec: ClusterSpec, *, tracking_uri: str) -> list[str]:
 
 def pretrain_argv(spec: ClusterSpec, *, tracking_uri: str, ray_address: str = "auto") -> list[str]:
     """argv of `coatnet pretrain` on the cluster: one Ray Train worker per GPU."""
+    launch = LaunchOptions(launcher="ray", num_workers=spec.world_size, gpus_per_worker=1,
+                           cpus_per_worker=cpus_per_worker(spec))
     return [
         "coatnet", "pretrain",
         "--config", f"{APP_DIR}/{spec.config}",
-        "--launcher", "ray",
-        "--num-workers", str(spec.world_size),
-        "--gpus-per-worker", "1",
-        "--cpus-per-worker", str(cpus_per_worker(spec)),
+        *launch.to_argv(),
         "--ray-address", ray_address,
         "--resume", "auto",
         *train_overrides(spec, tracking_uri=tracking_uri),

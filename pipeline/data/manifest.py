@@ -12,7 +12,8 @@ hash identifies the content, not the run).
 
 Versioned layout: ``shard_dataset(out=X)`` writes the dataset root ``X/cfg-<config hash[:12]>/``
 and, once finished, ``X/LATEST`` naming it. A different config never writes into another
-config's root. ``resolve_root`` accepts either the root or ``X``.
+config's root. ``resolve_root`` accepts either the root or ``X``. Reading a manifest (``load_manifest``,
+typed: ``pipeline.artifacts.read_manifest``) is part of the contract between stages, in ``pipeline.artifacts``.
 """
 
 from __future__ import annotations
@@ -23,17 +24,14 @@ from importlib import metadata
 
 import numpy as np
 
-from pipeline import storage
-from pipeline.errors import UserError
+from pipeline.artifacts import DATASET_LATEST as LATEST
+from pipeline.artifacts import MANIFEST, Manifest, ManifestNotFound, load_manifest, resolve_root
 
-MANIFEST = "manifest.json"
-LATEST = "LATEST"
+__all__ = ["FORMAT", "LATEST", "MANIFEST", "ManifestNotFound", "canonical_hash", "code_version", "format_summary",
+           "is_kept", "load_manifest", "manifest_hash", "masked_indices", "resolve_root"]
+
 FORMAT = "coatnet-shards/1"
 _UNHASHED = ("manifest_hash", "run")
-
-
-class ManifestNotFound(UserError, FileNotFoundError):
-    """No finished dataset at the given location."""
 
 
 def canonical_hash(obj) -> str:
@@ -49,25 +47,6 @@ def code_version() -> str:
         return f"coatnet-pipeline {metadata.version('coatnet-pipeline')}"
     except metadata.PackageNotFoundError:
         return "coatnet-pipeline (not installed)"
-
-
-def resolve_root(uri: str) -> str:
-    """The dataset root for ``uri``: itself if it holds a manifest, else the root ``uri/LATEST`` names."""
-    if storage.exists(storage.join(uri, MANIFEST)):
-        return uri
-    pointer = storage.join(uri, LATEST)
-    if storage.exists(pointer):
-        return storage.join(uri, storage.read_text(pointer).strip())
-    raise ManifestNotFound(f"no {MANIFEST} at {uri} (nor a {LATEST} pointer): is the sharding job finished? "
-                           "(`coatnet shard` writes it last)")
-
-
-def load_manifest(uri: str) -> dict:
-    """The manifest of the dataset at ``uri`` (a dataset root, or the ``out`` given to ``shard_dataset``)."""
-    root = resolve_root(uri)
-    manifest = json.loads(storage.read_text(storage.join(root, MANIFEST)))
-    manifest.setdefault("root", root)
-    return manifest
 
 
 def _fmt_bytes(n: float) -> str:
@@ -109,12 +88,11 @@ def format_summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def masked_indices(manifest: dict, split: str) -> np.ndarray:
+def masked_indices(manifest: Manifest, split: str) -> np.ndarray:
     """The split's masked sample indices (``splits[split]["masked"]``) as a sorted int64 array: 8 bytes per
     masked sample, not per sample (a few MB at ImageNet-21K's duplicate rate; a bool per sample would be 13 MB
     in every loader worker)."""
-    masked = manifest.get("splits", {}).get(split, {}).get("masked") or []
-    return np.unique(np.asarray(masked, dtype=np.int64))
+    return np.unique(np.asarray(manifest.masked(split), dtype=np.int64))
 
 
 def is_kept(masked: np.ndarray, idx: np.ndarray | int) -> np.ndarray:

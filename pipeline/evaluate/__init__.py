@@ -5,7 +5,7 @@
     report["weights"]["ema"]["top1"]
 """
 
-from pipeline.evaluate.evaluate import RESULT_FILE, evaluate, load_evaluation, read_manifest
+from pipeline.evaluate.evaluate import evaluate, load_evaluation
 from pipeline.evaluate.metrics import MetricAccumulator
 from pipeline.evaluate.preprocessing import Preprocessing
 from pipeline.evaluate.sources import (
@@ -18,7 +18,6 @@ from pipeline.evaluate.sources import (
 )
 
 __all__ = [
-    "RESULT_FILE",
     "MetricAccumulator",
     "ModelSource",
     "Preprocessing",
@@ -29,5 +28,4 @@ __all__ = [
     "load_registered",
     "load_run",
     "load_source",
-    "read_manifest",
 ]

@@ -8,7 +8,6 @@ and, when asked, to MLflow as metrics and artifacts.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -22,7 +21,8 @@ import numpy as np
 import torch
 
 from pipeline import storage
-from pipeline.data.manifest import is_kept, load_manifest, masked_indices
+from pipeline.artifacts import SPLIT_INDEX, EvaluationReport, RunDir, read_manifest
+from pipeline.data.manifest import is_kept, masked_indices
 from pipeline.evaluate.metrics import MetricAccumulator
 from pipeline.evaluate.plots import confusion_or_per_class, reliability_diagram
 from pipeline.evaluate.preprocessing import Preprocessing
@@ -33,16 +33,7 @@ from pipeline.tracking import configure, run_kwargs
 
 log = logging.getLogger(__name__)
 
-RESULT_FILE = "evaluation.json"
 DEFAULT_EXPERIMENT = "coatnet-evaluate"
-
-
-def read_manifest(data: str) -> dict[str, Any]:
-    """The dataset manifest; ``manifest["root"]`` is the resolved root (``data`` may name its ``LATEST``)."""
-    try:
-        return load_manifest(data)
-    except Exception as e:  # noqa: BLE001 - missing file, bucket or credentials: one actionable message
-        raise FileNotFoundError(f"{data}: cannot read the dataset manifest ({type(e).__name__}: {e})") from e
 
 
 def _batches(data: str, split: str, pre: Preprocessing, *, batch_size: int, num_workers: int,
@@ -52,8 +43,8 @@ def _batches(data: str, split: str, pre: Preprocessing, *, batch_size: int, num_
     from torch.utils.data import DataLoader
 
     split_uri = storage.join(data, split)
-    if not storage.exists(storage.join(split_uri, "index.json")):
-        raise FileNotFoundError(f"{data}: no split '{split}' ({split_uri}/index.json missing)")
+    if not storage.exists(storage.join(split_uri, SPLIT_INDEX)):
+        raise FileNotFoundError(f"{data}: no split '{split}' ({split_uri}/{SPLIT_INDEX} missing)")
     # No clean_stale_shared_memory() here: it would unlink the shared memory of other streaming jobs
     # on this node (e.g. a training run next to this evaluation).
     with tempfile.TemporaryDirectory(prefix="coatnet-eval-cache-") as cache:
@@ -105,13 +96,13 @@ def evaluate(
     """
     source = model if isinstance(model, ModelSource) else load_source(model, weights, tracking_uri=tracking_uri)
     manifest = read_manifest(data)
-    if int(manifest["num_classes"]) != source.num_classes:
+    if manifest.num_classes != source.num_classes:
         raise ValueError(
-            f"the model has {source.num_classes} classes, the dataset {data} has {manifest['num_classes']}"
+            f"the model has {source.num_classes} classes, the dataset {data} has {manifest.num_classes}"
         )
     if out_dir is None:
-        out_dir = (Path("eval") / _slug(source.uri) / split) if is_registry_uri(source.uri) or storage.is_remote(
-            source.uri) else Path(source.uri) / "eval" / split
+        out_dir = (Path(RunDir.EVAL) / _slug(source.uri) / split) if is_registry_uri(source.uri) or \
+            storage.is_remote(source.uri) else RunDir(source.uri).eval_dir(split)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
@@ -120,13 +111,13 @@ def evaluate(
     keys: list[str] = []
     labels: list[np.ndarray] = []
     masked = masked_indices(manifest, split)
-    total = int(manifest.get("splits", {}).get(split, {}).get("samples", 0)) - masked.size or None
+    total = manifest.samples(split) - masked.size or None
     if max_samples is not None and total is not None:
         total = min(total, max_samples)
     bar = _progress(total, progress, f"evaluate {split}")
     first = True
-    for batch in _batches(manifest["root"], split, source.preprocessing, batch_size=batch_size, num_workers=num_workers,
-                          max_samples=max_samples, masked=masked):
+    for batch in _batches(manifest.root or data, split, source.preprocessing, batch_size=batch_size,
+                          num_workers=num_workers, max_samples=max_samples, masked=masked):
         x = batch["image"].to(dev, torch.float32)
         y = batch["label"]
         for name, m in models.items():
@@ -143,7 +134,7 @@ def evaluate(
         bar.update(len(y))
     bar.close()
 
-    classes = list(manifest.get("classes") or [])
+    classes = list(manifest.classes)
     results: dict[str, Any] = {}
     for name, a in acc.items():
         s = a.summary()
@@ -160,7 +151,7 @@ def evaluate(
         "model": scrub_text(source.uri),
         "data": scrub_text(data),
         "split": split,
-        "manifest_hash": manifest.get("manifest_hash"),
+        "manifest_hash": manifest.manifest_hash,
         "num_classes": source.num_classes,
         "preprocessing": source.preprocessing.to_dict(),
         "batch_size": batch_size,
@@ -173,7 +164,7 @@ def evaluate(
     }
     if log_mlflow:
         report["mlflow_run_id"] = _log_mlflow(report, out, mlflow_run_id, experiment, tracking_uri)
-    (out / RESULT_FILE).write_text(json.dumps(report, indent=2))
+    EvaluationReport.model_validate(report).write(out)
     for name, s in results.items():
         log.info("%s %s: top1 %.4f top5 %.4f loss %.4f ece %.4f (%d samples)", split, name, s["top1"],
                  s.get("top5", float("nan")), s["loss"], s["ece"], s["num_samples"])
@@ -215,11 +206,11 @@ def _log_mlflow(report: dict, out: Path, run_id: str | None, experiment: str, tr
         mlflow.log_metrics(metrics)
         mlflow.set_tags({"eval.model": report["model"], "eval.data": report["data"], "eval.best": report["best"]})
         report = {**report, "mlflow_run_id": run.info.run_id}
-        (out / RESULT_FILE).write_text(json.dumps(report, indent=2))
+        EvaluationReport.model_validate(report).write(out)
         mlflow.log_artifacts(str(out), artifact_path=f"evaluation/{split}")
         return run.info.run_id
 
 
 def load_evaluation(path_or_dir: str | os.PathLike) -> dict[str, Any]:
-    p = Path(path_or_dir)
-    return json.loads((p / RESULT_FILE if p.is_dir() else p).read_text())
+    """``evaluation.json`` (or the directory holding it) as the dict ``evaluate`` returned."""
+    return EvaluationReport.read(os.fspath(path_or_dir)).to_dict()

@@ -25,15 +25,12 @@ import torch
 from torch import nn
 
 import coatnet
-from pipeline import storage
+from pipeline.artifacts import RunDir
 from pipeline.evaluate.preprocessing import Preprocessing
 from pipeline.logged_models import load_model, model_metadata
 from pipeline.train.config import load_config
 
-CONFIG_FILE = "model_config.json"
-WEIGHT_FILES = {"raw": "model.safetensors", "ema": "model_ema.safetensors"}
-PREPROCESSING_FILE = "preprocessing.json"
-TRAIN_CONFIG_FILE = "config.yaml"  # the resolved recipe the trainer's launcher writes
+WEIGHT_FILES = RunDir.WEIGHT_FILES
 REGISTRY_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
 
@@ -80,37 +77,29 @@ def _img_size(model_config: dict[str, Any]) -> int:
     return int(img[0] if isinstance(img, list | tuple) else img)
 
 
-def _fetch(uri: str, name: str, into: Path) -> Path | None:
-    src = storage.join(uri, name)
-    if not storage.exists(src):
-        return None
-    if not storage.is_remote(src):
-        return Path(src)
-    return storage.download_file(src, into / name)
-
-
 def load_run(uri: str, weights: tuple[str, ...] = ("raw", "ema"), *, cache_dir: str | Path | None = None) -> ModelSource:
     """The exported weights of a training/fine-tuning run directory (local or ``s3://``)."""
     unknown = set(weights) - set(WEIGHT_FILES)
     if unknown:
         raise ValueError(f"weights must be among {sorted(WEIGHT_FILES)}, got {sorted(unknown)}")
     into = Path(cache_dir or tempfile.mkdtemp(prefix="coatnet-eval-"))
-    cfg_path = _fetch(uri, CONFIG_FILE, into)
+    run = RunDir(uri)
+    cfg_path = run.fetch(RunDir.MODEL_CONFIG, into)
     if cfg_path is None:
         raise FileNotFoundError(
-            f"{uri}: no {CONFIG_FILE}; expected a run directory the trainer exported "
-            f"({CONFIG_FILE}, {', '.join(WEIGHT_FILES.values())})"
+            f"{uri}: no {RunDir.MODEL_CONFIG}; expected a run directory the trainer exported "
+            f"({RunDir.MODEL_CONFIG}, {', '.join(WEIGHT_FILES.values())})"
         )
     model_config = json.loads(cfg_path.read_text())
     files: dict[str, Path] = {}
     for w in weights:
-        p = _fetch(uri, WEIGHT_FILES[w], into)
+        p = run.fetch(WEIGHT_FILES[w], into)
         if p is not None:
             files[w] = p
     if not files:
         raise FileNotFoundError(f"{uri}: none of {[WEIGHT_FILES[w] for w in weights]} found")
-    pre_path = _fetch(uri, PREPROCESSING_FILE, into)
-    train_cfg = None if pre_path else _fetch(uri, TRAIN_CONFIG_FILE, into)
+    pre_path = run.fetch(RunDir.PREPROCESSING, into)
+    train_cfg = None if pre_path else run.fetch(RunDir.CONFIG, into)
     if pre_path:
         pre = Preprocessing.from_dict(json.loads(pre_path.read_text()))
     elif train_cfg:  # a pretraining run: the trainer's own evaluation transform (center crop and all)

@@ -7,8 +7,6 @@
 from pipeline.finetune.config import FinetuneConfig, FinetuneSection, load_finetune_config
 from pipeline.finetune.consolidate import CheckpointNotFound, consolidate, resolve_checkpoint
 from pipeline.finetune.finetune import (
-    FINETUNE_JSON,
-    PREPROCESSING_JSON,
     FinetuneResult,
     PreparedInit,
     load_source_classes,
@@ -19,9 +17,7 @@ from pipeline.finetune.finetune import (
 from pipeline.finetune.head import HEAD_MODES, HeadInit, class_children, init_head
 
 __all__ = [
-    "FINETUNE_JSON",
     "HEAD_MODES",
-    "PREPROCESSING_JSON",
     "CheckpointNotFound",
     "FinetuneConfig",
     "FinetuneResult",

@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 from pipeline import storage
+from pipeline.artifacts import RunDir
 from pipeline.errors import UserError
+from pipeline.train.checkpoint import COMPLETE, LATEST
 
-LATEST = "latest"
 _TAG_FILES = re.compile(r"^(zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt|mp_rank_\d+_model_states\.pt|"
-                        r"bf16_zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt|complete\.json)$")
+                        r"bf16_zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt|" + re.escape(COMPLETE) + ")$")
 
 
 class CheckpointNotFound(UserError, FileNotFoundError):
@@ -44,13 +45,13 @@ def resolve_checkpoint(uri: str, tag: str | None = None) -> tuple[str, str]:
     if any(_TAG_FILES.match(n) for n in names):
         parent, _, name = uri.rpartition("/")
         return parent or ".", name
-    for root in (uri, storage.join(uri, "checkpoints")):
+    for root in (uri, storage.join(uri, RunDir.CHECKPOINTS)):
         marker = storage.join(root, LATEST)
         if storage.exists(marker):
             return root, storage.read_text(marker).strip()
     raise CheckpointNotFound(
         f"{uri}: not a DeepSpeed checkpoint (expected a step directory, a directory with '{LATEST}', "
-        f"or a run directory with checkpoints/{LATEST})"
+        f"or a run directory with {RunDir.CHECKPOINTS}/{LATEST})"
     )
 
 
@@ -72,7 +73,7 @@ def consolidate(checkpoint_dir_or_uri: str | Path, out_path: str | Path, *, tag:
         if not any(p.name.endswith("optim_states.pt") for p in tag_dir.iterdir()):
             raise CheckpointNotFound(
                 f"{tag_dir}: no ZeRO optimizer shards (a stage-0 checkpoint?); use the run's exported "
-                "model.safetensors as finetune.pretrained instead"
+                f"{RunDir.WEIGHTS} as finetune.pretrained instead"
             )
         state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
         # safetensors refuses shared storage; zero_to_fp32 may return views into flat buffers.

@@ -11,10 +11,11 @@ import os
 from dataclasses import dataclass
 
 from pipeline import storage
+from pipeline.artifacts import MANIFEST, RunDir
 from pipeline.finetune.config import FinetuneConfig, load_finetune_config
 from pipeline.finetune.consolidate import CheckpointNotFound, resolve_checkpoint
 from pipeline.finetune.finetune import TIMM_PREFIX, PreparedInit, prepare_init_weights
-from pipeline.train.config import ConfigError, dataset_root, read_manifest
+from pipeline.train.config import ConfigError, dataset_manifest, dataset_root
 from pipeline.train.dry_run import DryRun, dry_run
 
 
@@ -53,10 +54,10 @@ def _pretrained_problem(pretrained: str) -> str | None:
                 resolve_checkpoint(pretrained)
                 found = True
             except CheckpointNotFound:
-                found = storage.exists(storage.join(pretrained, "model.safetensors"))
+                found = RunDir(pretrained).exists(RunDir.WEIGHTS)
     except Exception as e:  # noqa: BLE001 - bucket, credentials, endpoint: reported, the dry run goes on
         return f"finetune.pretrained: cannot read {pretrained} ({type(e).__name__}: {e})"
-    return None if found else (f"finetune.pretrained: no checkpoint or model.safetensors at {pretrained} yet "
+    return None if found else (f"finetune.pretrained: no checkpoint or {RunDir.WEIGHTS} at {pretrained} yet "
                                "(run its pretraining first)")
 
 
@@ -64,13 +65,13 @@ def _classes_problem(cfg: FinetuneConfig) -> str | None:
     """The fine-tuning dataset's and the pretraining label space's manifests must be readable to map the head."""
     src = cfg.finetune.source_classes
     try:
-        read_manifest(cfg.train)
+        dataset_manifest(cfg.train)
     except ConfigError:
         return "fine-tuning classes not checked: the data.root manifest cannot be read (see above)"
     if not src or src.startswith(TIMM_PREFIX):
         return None
     try:
-        storage.read_text(storage.join(dataset_root(src), "manifest.json"))
+        storage.read_text(storage.join(dataset_root(src), MANIFEST))
     except Exception as e:  # noqa: BLE001 - bucket, credentials, endpoint: reported, the dry run goes on
         return f"finetune.source_classes: cannot read the manifest of {src} ({str(e).removeprefix('data.root: ')})"
     return None

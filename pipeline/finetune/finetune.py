@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from pipeline import storage
+from pipeline.artifacts import RunDir, TrainResult, read_manifest
 from pipeline.finetune.config import FinetuneConfig, load_finetune_config
 from pipeline.finetune.consolidate import CheckpointNotFound, consolidate, resolve_checkpoint
 from pipeline.finetune.head import HeadInit, class_children, init_head
@@ -33,11 +34,6 @@ from pipeline.train.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-FINETUNE_DIR = "finetune"
-INIT_FILE = "init.safetensors"
-INIT_META = "init.json"
-FINETUNE_JSON = "finetune.json"
-PREPROCESSING_JSON = "preprocessing.json"
 TIMM_PREFIX = "timm:"
 
 
@@ -56,13 +52,13 @@ class PreparedInit:
 class FinetuneResult:
     output_dir: str
     init: PreparedInit
-    train: Any | None  # pipeline.train.TrainResult; None for a dry run
+    train: TrainResult
     preprocessing: dict = field(default_factory=dict)
     train_config: Any | None = None  # the TrainConfig handed to the trainer (init_weights set)
 
     @property
     def finished(self) -> bool:
-        return bool(self.train and self.train.finished)
+        return self.train.finished
 
 
 # --- the pretraining side ---------------------------------------------------------------------
@@ -72,10 +68,8 @@ def load_source_classes(spec: str) -> tuple[list[str], Any, list[str] | None, st
         from pipeline.data.synsets import synsets
 
         return list(synsets(spec[len(TIMM_PREFIX):])), None, None, None
-    from pipeline.data.manifest import load_manifest
-
-    m = load_manifest(spec)
-    return list(m["classes"]), m.get("parent_map"), m.get("parent_classes"), m.get("manifest_hash")
+    m = read_manifest(spec)
+    return list(m.classes), m.parent_map, m.parent_classes, m.manifest_hash
 
 
 def _load_safetensors(uri: str) -> dict[str, torch.Tensor]:
@@ -84,17 +78,16 @@ def _load_safetensors(uri: str) -> dict[str, torch.Tensor]:
     if not storage.is_remote(uri):
         return load_file(uri)
     with tempfile.TemporaryDirectory() as tmp:
-        return load_file(str(storage.download_file(uri, Path(tmp, "w.safetensors"))))
+        return load_file(str(storage.download_file(uri, Path(tmp, RunDir.WEIGHTS))))
 
 
 def _pretrain_run_id(pretrained: str) -> str | None:
     """The pretraining run's MLflow id, from the trainer's result.json in ``pretrained`` or up to 2 levels up."""
     base = pretrained.rstrip("/")
     for _ in range(3):
-        cand = storage.join(base, "result.json")
         try:
-            if storage.exists(cand):
-                return json.loads(storage.read_text(cand)).get("mlflow_run_id")
+            if RunDir(base).exists(RunDir.RESULT):
+                return RunDir(base).read_result().mlflow_run_id
         except Exception:  # noqa: BLE001 - lineage is best effort; training does not depend on it
             return None
         base = base.rpartition("/")[0]
@@ -112,9 +105,9 @@ def load_pretrained_state(pretrained: str, work_dir: Path) -> tuple[dict[str, to
     try:
         root, tag = resolve_checkpoint(pretrained)
     except CheckpointNotFound as e:
-        exported = storage.join(pretrained, "model.safetensors")
+        exported = RunDir(pretrained).weights("raw")
         if storage.exists(exported):
-            log.warning("%s has no DeepSpeed checkpoint; using its exported model.safetensors", pretrained)
+            log.warning("%s has no DeepSpeed checkpoint; using its exported %s", pretrained, RunDir.WEIGHTS)
             return _load_safetensors(exported), None
         raise ConfigError(f"finetune.pretrained: {e}") from e
     from safetensors.torch import load_file
@@ -158,17 +151,15 @@ def prepare_init_weights(cfg: FinetuneConfig, *, force: bool = False) -> Prepare
     """Write ``{output_dir}/finetune/init.safetensors`` (consolidated, head mapped) unless already there."""
     from safetensors.torch import save_file
 
-    from pipeline.data.manifest import load_manifest
-
-    work = Path(cfg.train.output_dir, FINETUNE_DIR)
+    work = RunDir(cfg.train.output_dir).local(RunDir.FINETUNE_DIR)
     work.mkdir(parents=True, exist_ok=True)
-    target = load_manifest(cfg.train.data.root)
-    target_classes = list(target["classes"])
-    num_classes = cfg.train.model.num_classes or int(target["num_classes"])
+    target = read_manifest(cfg.train.data.root)
+    target_classes = list(target.classes)
+    num_classes = cfg.train.model.num_classes or target.num_classes
     if num_classes != len(target_classes):
         raise ConfigError(f"model.num_classes={num_classes} but the dataset has {len(target_classes)} classes")
-    fp = _fingerprint(cfg, target.get("manifest_hash"))
-    init, meta_path = work / INIT_FILE, work / INIT_META
+    fp = _fingerprint(cfg, target.manifest_hash)
+    init, meta_path = work / RunDir.INIT_WEIGHTS, work / RunDir.INIT_META
     if not force and init.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("fingerprint") == fp:
@@ -213,7 +204,6 @@ def run(
     launcher: str = "local",
     nproc: int | None = None,
     resume: str = "auto",
-    dry_run: bool = False,
     **launch_kwargs: Any,
 ) -> FinetuneResult:
     """Fine-tune: prepare ``init.safetensors``, then ``pipeline.train.launch`` the recipe with it."""
@@ -225,14 +215,13 @@ def run(
         raise ValueError("overrides go with a config path; apply them before building a FinetuneConfig")
     prepared = prepare_init_weights(cfg)
     train_cfg = cfg.train.replace(model=dataclasses.replace(cfg.train.model, init_weights=str(prepared.path)))
-    out = Path(train_cfg.output_dir)
+    run_dir = RunDir(train_cfg.output_dir)
+    out = run_dir.path
     pre = Preprocessing.from_train_config(train_cfg).to_dict()
-    if dry_run:  # checked and prepared; the run's records are left as they are
-        return FinetuneResult(str(out), prepared, None, pre, train_cfg)
-    (out / PREPROCESSING_JSON).write_text(json.dumps(pre, indent=2))
+    run_dir.write_json(RunDir.PREPROCESSING, pre)
     record = {"init": {**asdict(prepared), "path": str(prepared.path)}, "config": scrub(cfg.to_dict()),
               "data_manifest_hash": _manifest_hash(train_cfg.data.root)}
-    (out / FINETUNE_JSON).write_text(json.dumps(record, indent=2, default=str))
+    run_dir.write_json(RunDir.FINETUNE_RECORD, record, default=str)
 
     from pipeline.train import launch
 
@@ -240,26 +229,21 @@ def run(
     record["finetune_run_id"] = result.mlflow_run_id
     record["train"] = {"finished": result.finished, "step": result.step, "total_steps": result.total_steps,
                        "final_metrics": result.final_metrics}
-    (out / FINETUNE_JSON).write_text(json.dumps(record, indent=2, default=str))
+    run_dir.write_json(RunDir.FINETUNE_RECORD, record, default=str)
     return FinetuneResult(str(out), prepared, result, pre, train_cfg)
 
 
 def _manifest_hash(root: str) -> str | None:
-    from pipeline.data.manifest import load_manifest
-
-    return load_manifest(root).get("manifest_hash")
+    return read_manifest(root).manifest_hash
 
 
 def read_lineage(run_dir: str) -> dict[str, str | None]:
     """Lineage of a training run directory: its ``finetune.json``, else the trainer's ``result.json``."""
-    rec: dict[str, Any] = {}
-    uri = storage.join(run_dir, FINETUNE_JSON)
-    if storage.exists(uri):
-        rec = json.loads(storage.read_text(uri))
+    run = RunDir(run_dir)
+    rec: dict[str, Any] = run.read_finetune_record() or {}
     run_id = rec.get("finetune_run_id")
-    result_uri = storage.join(run_dir, "result.json")
-    if not run_id and storage.exists(result_uri):
-        run_id = json.loads(storage.read_text(result_uri)).get("mlflow_run_id")
+    if not run_id and run.exists(RunDir.RESULT):
+        run_id = run.read_result().mlflow_run_id
     return {
         "manifest_hash": rec.get("data_manifest_hash"),
         "pretrain_run_id": (rec.get("init") or {}).get("pretrain_run_id"),

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import storage
-from pipeline.evaluate import load_evaluation, load_run, read_manifest
-from pipeline.finetune import FINETUNE_JSON, read_lineage
+from pipeline.artifacts import EvaluationReport, Manifest, RunDir, read_manifest
+from pipeline.evaluate import load_run
+from pipeline.finetune import read_lineage
 from pipeline.registry.lineage import lineage_tags
 from pipeline.secrets import flatten, scrub, scrub_text
 from pipeline.tracking import configure, run_kwargs
@@ -40,6 +40,7 @@ CANDIDATE = "candidate"
 CHAMPION = "champion"
 DEFAULT_EXPERIMENT = "coatnet-finetune"
 SCORE_TAG = "eval.top1"
+CLASSES_FILE = "classes.json"  # attached to the logged model: the class names in label order
 
 
 @dataclass(frozen=True)
@@ -171,10 +172,10 @@ def register_model(
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(**run_kwargs(run_id, experiment, f"register-{name}")) as run:
         extra = [str(weights_file)]
         for fname, obj in (
-            ("model_config.json", meta["model_config"]),
-            ("preprocessing.json", meta["preprocessing"]),
-            ("classes.json", classes),
-            ("evaluation.json", scrub(dict(evaluation)) if evaluation else None),
+            (RunDir.MODEL_CONFIG, meta["model_config"]),
+            (RunDir.PREPROCESSING, meta["preprocessing"]),
+            (CLASSES_FILE, classes),
+            (RunDir.EVALUATION, scrub(dict(evaluation)) if evaluation else None),
         ):
             if obj is not None:
                 p = Path(tmp, fname)
@@ -221,9 +222,9 @@ def _pip_requirements() -> list[str]:
     return reqs
 
 
-def dataset_name(manifest: Mapping[str, Any]) -> str:
+def dataset_name(manifest: Manifest | None) -> str:
     """A short dataset name from a manifest's ``source``: ``digits:size=32`` -> ``digits``."""
-    source = str(manifest.get("source") or "dataset")
+    source = str((manifest and manifest.source) or "dataset")
     kind, _, rest = source.partition(":")
     if kind in ("imagefolder", "folder", "s3", "file") and rest:
         return rest.rstrip("/").rsplit("/", 1)[-1] or kind
@@ -248,30 +249,31 @@ def register(
     defaults to ``coatnet-<variant>-<dataset>``; lineage comes from the run's ``finetune.json``
     (pretraining and fine-tuning run ids, shard manifest hash) plus ``lineage``.
     """
-    ev = dict(evaluation) if isinstance(evaluation, Mapping) else load_evaluation(evaluation)
-    which = ev["best"] if weights == "best" else weights
-    if which not in ev.get("weights", {}):
-        raise ValueError(f"the evaluation has no results for weights '{which}' (has {sorted(ev.get('weights', {}))})")
+    ev = EvaluationReport.model_validate(dict(evaluation)) if isinstance(evaluation, Mapping) \
+        else EvaluationReport.read(evaluation)
+    which = ev.best if weights == "best" else weights
+    if which not in ev.weights:
+        raise ValueError(f"the evaluation has no results for weights '{which}' (has {sorted(ev.weights)})")
     if which not in ("raw", "ema"):
         raise ValueError(f"register takes a run directory's raw or EMA weights, not {which!r}")
-    if ev.get("model") != scrub_text(str(model_dir)):
-        log.warning("the evaluation was of %s, registering %s", ev.get("model"), model_dir)
+    if ev.model != scrub_text(str(model_dir)):
+        log.warning("the evaluation was of %s, registering %s", ev.model, model_dir)
     source = load_run(str(model_dir), (which,))
-    if source.preprocessing.to_dict() != ev.get("preprocessing"):
+    if source.preprocessing.to_dict() != ev.preprocessing:
         raise ValueError(
             f"{model_dir}: its preprocessing {source.preprocessing.to_dict()} differs from the evaluation's "
-            f"{ev.get('preprocessing')}; evaluate it again before registering"
+            f"{ev.preprocessing}; evaluate it again before registering"
         )
-    manifest = read_manifest(ev["data"]) if ev.get("data") else {}
+    manifest = read_manifest(ev.data) if ev.data else None
     name = name or model_name(str(source.model_config.get("name", "model")), dataset or dataset_name(manifest))
     lin = {k: v for k, v in read_lineage(str(model_dir)).items() if v}
-    lin.setdefault("manifest_hash", ev.get("manifest_hash"))
+    lin.setdefault("manifest_hash", ev.manifest_hash)
     lin.update({k: v for k, v in dict(lineage or {}).items() if v})
     params: dict[str, Any] = {}
-    rec_uri = f"{str(model_dir).rstrip('/')}/{FINETUNE_JSON}"
-    if storage.exists(rec_uri):
-        params = json.loads(storage.read_text(rec_uri)).get("config") or {}
-    metrics = ev["weights"][which]
+    record = RunDir(str(model_dir).rstrip("/")).read_finetune_record()
+    if record:
+        params = record.get("config") or {}
+    metrics = ev.weights[which]
     result = register_model(
         source.models[which],
         name=name,
@@ -281,8 +283,8 @@ def register(
         weights_file=source.weight_files[which],
         model_config=source.model_config,
         preprocessing=source.preprocessing.to_dict(),
-        classes=list(manifest.get("classes") or []) or None,
-        evaluation={**ev, "registered_weights": which},
+        classes=list(manifest.classes) if manifest and manifest.classes else None,
+        evaluation={**ev.to_dict(), "registered_weights": which},
         params=params,
         lineage=lin,
         margin=margin,

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from pipeline.artifacts import RunDir
+
 CALLBACKS_ENV = "COATNET_CALLBACKS"
 _SPEC = re.compile(r"^(?P<module>[A-Za-z_][\w.]*):(?P<name>[A-Za-z_]\w*)\s*(?:\((?P<args>.*)\))?$", re.DOTALL)
 
@@ -115,7 +117,7 @@ class RecordSamples(Callback):
     resume read them back; a step redone after a resume appends its lines again, and later lines win)."""
 
     def __init__(self, output_dir: str | Path, rank: int) -> None:
-        self.path = Path(output_dir, "samples", f"rank{rank:05d}.jsonl")
+        self.path = RunDir(str(output_dir)).local(RunDir.SAMPLES, f"rank{rank:05d}.jsonl")
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def on_micro_batch_end(self, trainer: Any, micro: int, batch: dict) -> None:

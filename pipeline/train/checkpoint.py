@@ -189,19 +189,30 @@ class CheckpointManager:
         tags = complete_tags(self.directory)
         return tags[-1] if tags else None
 
-    def _fetch_remote(self) -> str | None:
-        """Download the newest complete remote checkpoint (node-local rank 0 of every node)."""
+    def _latest_remote(self) -> str | None:
+        """The newest complete tag of the object-storage copy, without downloading it."""
         if not self.upload_uri:
             return None
-        tag = None
         latest_uri = storage.join(self.upload_uri, LATEST)
         if storage.exists(latest_uri):
             tag = storage.read_text(latest_uri).strip()
-            if not storage.exists(storage.join(self.upload_uri, tag, COMPLETE)):
-                tag = None
+            if storage.exists(storage.join(self.upload_uri, tag, COMPLETE)):
+                return tag
+        return None
+
+    def _fetch_remote(self) -> str | None:
+        """Download the newest complete remote checkpoint (node-local rank 0 of every node)."""
+        tag = self._latest_remote()
         if tag and self.local_rank == 0 and not (self.directory / tag / COMPLETE).is_file():
             storage.download_dir(storage.join(self.upload_uri, tag), self.directory / tag)
         return tag
+
+    def resume_step(self) -> int | None:
+        """The step ``find("auto")`` would resume from (local, then the object-storage copy), or None; reads
+        markers only: nothing is downloaded, no collective (for a launcher's summary before the ranks start)."""
+        tag = self._latest_local() or self._latest_remote()
+        m = TAG_RE.match(tag) if tag else None
+        return int(m.group(1)) if m else None
 
     def find(self, resume: str) -> ResumePoint | None:
         """Where to resume from: ``"none"``, ``"auto"`` (newest complete, local then remote) or a path.

@@ -26,6 +26,7 @@ import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
+from pipeline.artifacts import SPLIT_INDEX, Manifest, ManifestNotFound, read_manifest
 from pipeline.errors import UserError
 from pipeline.train.known_datasets import KNOWN_DATASETS
 
@@ -465,7 +466,7 @@ def split_samples(cfg: TrainConfig, split: str) -> int:
     """Samples in a split, from its MDS index (the file streaming itself reads)."""
     from pipeline import storage
 
-    index_uri = storage.join(split_uri(cfg, split), "index.json")
+    index_uri = storage.join(split_uri(cfg, split), SPLIT_INDEX)
     try:
         index = json.loads(storage.read_text(index_uri))
     except Exception as e:  # noqa: BLE001 - missing file, bucket or credentials: one actionable message
@@ -476,14 +477,12 @@ def split_samples(cfg: TrainConfig, split: str) -> int:
     return sum(int(s["samples"]) for s in index["shards"])
 
 
-def read_manifest(cfg: TrainConfig) -> dict:
-    from pipeline import storage
-
-    uri = storage.join(dataset_root(cfg.data.root), "manifest.json")
+def dataset_manifest(cfg: TrainConfig) -> Manifest:
+    """The manifest of ``data.root``; a ``ConfigError`` naming ``data.root`` when it cannot be read."""
     try:
-        return json.loads(storage.read_text(uri))
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"data.root: cannot read {uri} ({type(e).__name__}: {e})") from e
+        return read_manifest(dataset_root(cfg.data.root))
+    except ManifestNotFound as e:
+        raise ConfigError(f"data.root: {e}") from e
 
 
 def node_count_problem(num_canonical_nodes: int, world_size: int, ranks_per_node: int) -> str | None:
@@ -580,7 +579,7 @@ def make_plan(cfg: TrainConfig, world_size: int, *, with_counts: bool = True,
     if warmup > total:
         raise ConfigError(f"schedule.warmup_steps: {warmup} warm-up steps exceed the {total} training steps")
     if num_classes is None:
-        num_classes = cfg.model.num_classes or int(read_manifest(cfg)["num_classes"])
+        num_classes = cfg.model.num_classes or dataset_manifest(cfg).num_classes
     params = macs = None
     if with_counts:
         params, macs = model_counts(cfg, num_classes)

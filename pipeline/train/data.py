@@ -31,8 +31,9 @@ import torch
 from PIL import Image
 from streaming import StreamingDataLoader, StreamingDataset
 
+from pipeline.artifacts import RunDir
 from pipeline.data.manifest import is_kept, masked_indices
-from pipeline.train.config import Plan, TrainConfig, read_manifest, split_uri
+from pipeline.train.config import Plan, TrainConfig, dataset_manifest, split_uri
 from pipeline.train.streaming_shm import release_stale_shared_memory
 from pipeline.train.transforms import augment_seed, eval_resize, to_uint8_hwc, train_augment
 
@@ -97,7 +98,7 @@ def micro_batches(batch: dict, accum: int) -> list[dict]:
 
 
 def cache_root(cfg: TrainConfig) -> Path:
-    return Path(cfg.data.cache_dir or Path(cfg.output_dir, "cache"))
+    return Path(cfg.data.cache_dir or RunDir(cfg.output_dir).local(RunDir.CACHE))
 
 
 def _local(cfg: TrainConfig, role: str, split: str) -> str:
@@ -119,7 +120,7 @@ def build_train_loader(cfg: TrainConfig, plan: Plan, *, dataset: Callable[..., I
     ds = dataset(
         transform=transform or train_augment(cfg.augment, cfg.model.img_size),
         aug_seed=cfg.seed,
-        masked=masked_indices(read_manifest(cfg), cfg.data.train_split),
+        masked=masked_indices(dataset_manifest(cfg), cfg.data.train_split),
         remote=split_uri(cfg, cfg.data.train_split),
         local=_local(cfg, "train", cfg.data.train_split),
         cache_limit=cfg.data.cache_limit,
@@ -150,7 +151,7 @@ def build_eval_loader(cfg: TrainConfig) -> StreamingDataLoader:
     ds = ImageShards(
         transform=eval_resize(cfg.augment, cfg.eval, cfg.model.img_size),
         aug_seed=None,
-        masked=masked_indices(read_manifest(cfg), cfg.data.eval_split),
+        masked=masked_indices(dataset_manifest(cfg), cfg.data.eval_split),
         remote=split_uri(cfg, cfg.data.eval_split),
         local=_local(cfg, "eval", cfg.data.eval_split),
         cache_limit=cfg.data.cache_limit,

@@ -15,15 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import storage
+from pipeline.artifacts import Manifest
 from pipeline.cluster import sizing
 from pipeline.data.config import DEFAULT_MINIVAL_FRACTION
 from pipeline.train.config import (
     ConfigError,
     Plan,
     TrainConfig,
+    dataset_manifest,
     load_config,
     make_plan,
-    read_manifest,
     split_samples,
 )
 from pipeline.train.known_datasets import KNOWN_DATASETS
@@ -82,12 +83,12 @@ def credential_warnings(uris: dict[str, str | None]) -> list[str]:
             "training reads and writes these and would fail"]
 
 
-def _train_samples(cfg: TrainConfig, warnings: list[str]) -> tuple[int, str, dict | None]:
+def _train_samples(cfg: TrainConfig, warnings: list[str]) -> tuple[int, str, Manifest | None]:
     """(train samples, their source, the manifest when readable)."""
     n = cfg.data.num_samples
     try:
         samples = split_samples(cfg, cfg.data.train_split)
-        manifest = read_manifest(cfg)
+        manifest = dataset_manifest(cfg)
     except ConfigError as e:
         if n is None:
             raise ConfigError(f"{e}. Without the shards a dry run sizes the steps from data.num_samples: set it "
@@ -109,11 +110,11 @@ def _train_samples(cfg: TrainConfig, warnings: list[str]) -> tuple[int, str, dic
     return samples, f"the shards' index ({cfg.data.root}, split {cfg.data.train_split})", manifest
 
 
-def _num_classes(cfg: TrainConfig, manifest: dict | None) -> tuple[int, str]:
+def _num_classes(cfg: TrainConfig, manifest: Manifest | None) -> tuple[int, str]:
     if cfg.model.num_classes:
         return cfg.model.num_classes, "model.num_classes"
     if manifest is not None:
-        return int(manifest["num_classes"]), "the dataset manifest"
+        return manifest.num_classes, "the dataset manifest"
     if isinstance(cfg.data.num_samples, str):
         known = KNOWN_DATASETS[cfg.data.num_samples]
         return known.num_classes, f"the known label space of {known.name}"

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.artifacts import RunDir
 from pipeline.train.config import Plan, TrainConfig
 from pipeline.train.optim import lr_scheduler_factory, param_groups
 
@@ -116,7 +117,7 @@ def load_init_weights(model: nn.Module, uri: str) -> None:
 
     if storage.is_remote(uri):
         with tempfile.TemporaryDirectory() as tmp:
-            local = storage.download_file(uri, Path(tmp, "init.safetensors"))
+            local = storage.download_file(uri, Path(tmp, RunDir.INIT_WEIGHTS))
             _load_init_file(model, str(local), uri)
     else:
         _load_init_file(model, uri, uri)

@@ -7,18 +7,14 @@ whose shards the checkpoint holds in the same layout (``{step}/ema``, see ema.py
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from pipeline.artifacts import RunDir
 from pipeline.train.config import Plan, TrainConfig
 from pipeline.train.ema import consolidate_ema
-
-WEIGHTS = "model.safetensors"
-EMA_WEIGHTS = "model_ema.safetensors"
-MODEL_CONFIG = "model_config.json"
 
 
 def consolidate(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -54,8 +50,9 @@ def model_config(config: TrainConfig, plan: Plan, model) -> dict:
 
 def export_all(engine, ema, config: TrainConfig, plan: Plan, checkpoint: Path, out: Path, ctx) -> dict:
     """Collective (every rank calls it; rank 0 writes). Returns the paths of what was written."""
-    paths = {"weights": str(out / WEIGHTS), "model_config": str(out / MODEL_CONFIG),
-             "ema_weights": str(out / EMA_WEIGHTS) if ema else None}
+    run = RunDir(str(out))
+    paths = {"weights": run.join(RunDir.WEIGHTS), "model_config": run.join(RunDir.MODEL_CONFIG),
+             "ema_weights": run.join(RunDir.EMA_WEIGHTS) if ema else None}
     if not config.checkpoint.export:
         return {}
     if ctx.rank == 0:
@@ -63,10 +60,10 @@ def export_all(engine, ema, config: TrainConfig, plan: Plan, checkpoint: Path, o
             state = {k: v.float() if v.is_floating_point() else v for k, v in engine.module.state_dict().items()}
         else:
             state = consolidate(checkpoint)
-        save_safetensors(state, out / WEIGHTS)
+        save_safetensors(state, run.local(RunDir.WEIGHTS))
         del state
         if ema:
-            save_safetensors(consolidate_ema(checkpoint), out / EMA_WEIGHTS)
-        (out / MODEL_CONFIG).write_text(json.dumps(model_config(config, plan, engine.module), indent=2))
+            save_safetensors(consolidate_ema(checkpoint), run.local(RunDir.EMA_WEIGHTS))
+        run.write_json(RunDir.MODEL_CONFIG, model_config(config, plan, engine.module))
     ctx.barrier()
     return paths

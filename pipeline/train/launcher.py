@@ -19,11 +19,11 @@ import uuid
 from pathlib import Path
 
 from pipeline import storage
+from pipeline.artifacts import RunDir, TrainResult
 from pipeline.errors import UserError
 from pipeline.tracking import resolve_tracking_uri
 from pipeline.train.config import (
     ConfigError,
-    Plan,
     TrainConfig,
     check_canonical_nodes,
     check_shards,
@@ -34,7 +34,6 @@ from pipeline.train.config import (
     node_count_problem,
 )
 from pipeline.train.launch_options import LAUNCHERS, RayOptions
-from pipeline.train.trainer import RESULT_FILE, TrainResult
 
 # Variables a rank needs from the launching environment when it is not a child process (Ray workers);
 # COATNET_CALLBACKS names the loop's callbacks (tests inject faults through it: pipeline/train/faults.py).
@@ -84,13 +83,6 @@ def absolutize(cfg: TrainConfig) -> TrainConfig:
     })
 
 
-def plan(config_or_path: TrainConfig | str | os.PathLike, overrides=(), *, nproc: int = 1,
-         check_data: bool = True) -> tuple[TrainConfig, Plan]:
-    """Validate the config and resolve it for ``nproc`` ranks, without training (``--dry-run``)."""
-    cfg = resolve(config_or_path, overrides, check_data=check_data)
-    return cfg, make_plan(cfg, nproc)
-
-
 def launch(config_or_path: TrainConfig | str | os.PathLike, overrides=(), *, launcher: str = "local",
            nproc: int = 1, resume: str = "auto", force_resume: bool = False,
            ray: RayOptions | None = None, timeout_s: float | None = None) -> TrainResult:
@@ -110,19 +102,20 @@ def launch(config_or_path: TrainConfig | str | os.PathLike, overrides=(), *, lau
         check_canonical_nodes(cfg, world, min(world, ray.workers_per_node))
     if launcher == "ray" and ray and ray.min_workers is not None:
         _check_elastic(cfg, ray.min_workers, world, ray.workers_per_node)
-    out = Path(cfg.output_dir)
+    run = RunDir(cfg.output_dir)
+    out = run.path
     out.mkdir(parents=True, exist_ok=True)
-    config_file = out / "config.yaml"
+    config_file = run.local(RunDir.CONFIG)
     config_file.write_text(cfg.to_yaml())
-    Path(out, RESULT_FILE).unlink(missing_ok=True)  # never hand back a previous run's result
+    run.local(RunDir.RESULT).unlink(missing_ok=True)  # never hand back a previous run's result
     args = [str(config_file), "--resume", resume] + (["--force-resume"] if force_resume else [])
     if launcher == "ray":
         _launch_ray(cfg, world, resume, force_resume, ray or RayOptions())
     else:
         _launch_processes(launcher, world, args, out, timeout_s)
-    if not Path(out, RESULT_FILE).is_file():
-        raise LaunchError(f"training ended without writing {out / RESULT_FILE}; see the logs in {out / 'logs'}")
-    return TrainResult.read(out)
+    if not run.local(RunDir.RESULT).is_file():
+        raise LaunchError(f"training ended without writing {run.local(RunDir.RESULT)}; see the logs in {run.logs}")
+    return run.read_result()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +138,8 @@ def _child_env() -> dict:
 def _launch_processes(launcher: str, nproc: int, args: list[str], out: Path, timeout_s: float | None) -> None:
     from pipeline.train.distributed import free_port
 
-    logs = out / "logs"
+    run = RunDir(str(out))
+    logs = run.local(RunDir.LOGS)
     logs.mkdir(exist_ok=True)
     env = _child_env()
     port = str(free_port())
@@ -164,7 +158,7 @@ def _launch_processes(launcher: str, nproc: int, args: list[str], out: Path, tim
                   "--no_local_rank", "--module", "pipeline.train.launcher", *args], env, 0)]
     procs = []
     for cmd, e, rank in cmds:
-        log = open(logs / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
+        log = open(run.rank_log(rank), "w")  # noqa: SIM115 - closed below
         p = subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE if rank == 0 else log, stderr=subprocess.STDOUT,
                              start_new_session=True)
         if rank == 0:  # rank 0 (or the launcher) speaks on the console too; every rank has its log file

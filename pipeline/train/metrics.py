@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from pipeline.artifacts import RunDir
 from pipeline.secrets import scrub
 from pipeline.tracking import resolve_tracking_uri
 
@@ -81,8 +82,8 @@ class MetricsSink:
     def __init__(self, output_dir: Path, *, enabled: bool, mlflow_cfg, run_name: str, params: dict,
                  run_id: str | None) -> None:
         self.enabled = enabled
-        self.history_path = output_dir / "metrics.jsonl"
-        self.png_path = output_dir / "training_curve.png"
+        self.history_path = output_dir / RunDir.METRICS
+        self.png_path = output_dir / RunDir.CURVE
         self.mlflow = None
         self.run_id = run_id
         if not enabled:

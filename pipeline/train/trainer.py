@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from streaming.base.util import clean_stale_shared_memory
 
+from pipeline.artifacts import RunDir, TrainResult
 from pipeline.train import callbacks as callbacks_
 from pipeline.train import export
 from pipeline.train.cadence import Cadence
@@ -39,36 +39,11 @@ from pipeline.train.metrics import MetricsSink, TrainMetrics, peak_tflops
 from pipeline.train.state import TrainState
 from pipeline.train.step import StepResult, TrainStep
 
-RESULT_FILE = "result.json"
-PLAN_FILE = "plan.json"
-
-__all__ = ["RESULT_FILE", "NonFiniteLossError", "TrainResult", "TrainState", "Trainer", "run"]
+__all__ = ["NonFiniteLossError", "TrainResult", "TrainState", "Trainer", "run"]
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf (on any rank) more often than ``train.max_nonfinite_skips`` allows."""
-
-
-@dataclass
-class TrainResult:
-    output_dir: str
-    checkpoint_dir: str
-    last_checkpoint: str | None
-    step: int
-    epoch: int
-    total_steps: int
-    finished: bool
-    config_hash: str
-    final_metrics: dict = field(default_factory=dict)
-    mlflow_run_id: str | None = None
-    weights: str | None = None
-    ema_weights: str | None = None
-    model_config: str | None = None
-    curve_png: str | None = None
-
-    @classmethod
-    def read(cls, output_dir: str | Path) -> TrainResult:
-        return cls(**json.loads(Path(output_dir, RESULT_FILE).read_text()))
 
 
 def run(config: TrainConfig, *, resume: str = "auto", force_resume: bool = False) -> TrainResult:
@@ -83,8 +58,9 @@ class Trainer:
         self.ctx = ctx = setup_distributed()
         check_nodes(config, ctx)  # before any compute: streaming would fail (or hang) on a world it cannot split
         self.plan = plan = make_plan(config, ctx.world_size)
+        self.run_dir = RunDir(config.output_dir)
         self.out = Path(config.output_dir)
-        self.checkpoints = CheckpointManager(self.out / "checkpoints", keep_last=config.checkpoint.keep_last,
+        self.checkpoints = CheckpointManager(self.run_dir.local(RunDir.CHECKPOINTS), keep_last=config.checkpoint.keep_last,
                                              upload_uri=config.checkpoint.upload_uri, rank=ctx.rank,
                                              local_rank=ctx.local_rank)
         # Found before the engine is built: another world size resumes through a universal checkpoint.
@@ -114,7 +90,7 @@ class Trainer:
         self.sink.truncate(self.state.step)
         ctx.print(f"plan: {json.dumps(plan.to_dict())}")
         if ctx.rank == 0:
-            Path(self.out, PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2))
+            self.run_dir.write_json(RunDir.PLAN, plan.to_dict())
         self.dtype = input_dtype(config)
         self.callbacks = callbacks_.Callbacks([*callbacks_.from_env(), *callbacks])
         if config.train.record_samples:
@@ -240,7 +216,7 @@ class Trainer:
                       all_ranks=True)
             return
         losses = result.losses.tolist()
-        dump = Path(self.config.output_dir, "nonfinite", f"step{state.step:08d}_rank{ctx.rank:05d}.pt")
+        dump = self.run_dir.local(RunDir.NONFINITE, f"step{state.step:08d}_rank{ctx.rank:05d}.pt")
         dump.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"step": state.step, "loss": result.losses.cpu(),
                     "image": torch.cat([b["image"] for b in result.batches]),
@@ -272,7 +248,7 @@ class Trainer:
                              finished=finished, config_hash=config.config_hash, final_metrics=self.metrics.last,
                              mlflow_run_id=self.sink.run_id, curve_png=str(png) if png else None, **paths)
         if ctx.rank == 0:
-            Path(self.out, RESULT_FILE).write_text(json.dumps(asdict(result), indent=2))
+            self.run_dir.write_result(result)
         self.sink.close()
         ctx.barrier()
         return result

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from train_helpers import tiny
 
+from pipeline.artifacts import Manifest, read_manifest
 from pipeline.data.manifest import is_kept, load_manifest, masked_indices
 from pipeline.train.loss import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 from pipeline.train.step import TrainStep
@@ -27,13 +28,14 @@ def _masked_keys(root: str, split: str) -> set[str]:
 
 
 def test_masked_indices_come_sorted_and_compact_and_is_kept_tells_them_apart():
-    manifest = {"splits": {"train": {"samples": 10, "masked": [7, 2, 5]}, "val": {"samples": 3, "masked": []}}}
+    manifest = Manifest.model_validate(
+        {"num_classes": 2, "splits": {"train": {"samples": 10, "masked": [7, 2, 5]}, "val": {"samples": 3, "masked": []}}})
     masked = masked_indices(manifest, "train")
     assert masked.dtype == np.int64 and masked.tolist() == [2, 5, 7]
     assert is_kept(masked, np.arange(10)).tolist() == [i not in (2, 5, 7) for i in range(10)]
     assert bool(is_kept(masked, 7)) is False and bool(is_kept(masked, 9)) is True  # past the last masked index
     assert masked_indices(manifest, "val").size == 0 and is_kept(masked_indices(manifest, "val"), [0, 1]).all()
-    assert masked_indices({"splits": {}}, "minival").size == 0  # a manifest from before masking
+    assert masked_indices(Manifest(num_classes=2), "minival").size == 0  # a manifest from before masking
 
 
 @pytest.mark.parametrize("loss", [SoftmaxCrossEntropy(0.1), SigmoidBinaryCrossEntropy(0.1)])
@@ -138,7 +140,7 @@ def test_the_loaders_flag_exactly_the_masked_samples_and_keep_the_shapes(masked_
     from pipeline.train.streaming_shm import dataset_prefix, release_deleted_dataset
 
     cfg, plan = _loader_config(masked_shards, tmp_path)
-    manifest = load_manifest(masked_shards)
+    manifest = read_manifest(masked_shards)
     for build, split in ((build_train_loader, "train"), (build_eval_loader, "minival")):
         loader = build(cfg, plan) if build is build_train_loader else build(cfg)
         batches = list(loader)
