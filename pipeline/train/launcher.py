@@ -18,6 +18,8 @@ import time
 import uuid
 from pathlib import Path
 
+import torch
+
 from pipeline import storage
 from pipeline.errors import UserError
 from pipeline.tracking import resolve_tracking_uri
@@ -25,14 +27,18 @@ from pipeline.train.config import (
     ConfigError,
     Plan,
     TrainConfig,
+    apply_overrides,
+    batch_split,
     check_shards,
     dataset_root,
     from_dict,
     load_config,
     make_plan,
 )
+from pipeline.train.data import streaming_env
+from pipeline.train.distributed import free_port
 from pipeline.train.launch_options import LAUNCHERS, RayOptions
-from pipeline.train.trainer import RESULT_FILE, TrainResult
+from pipeline.train.trainer import RESULT_FILE, TrainResult, run
 
 # Variables a rank needs from the launching environment when it is not a child process (Ray workers);
 # COATNET_CALLBACKS names the loop's callbacks (tests inject faults through it: pipeline/train/faults.py).
@@ -56,8 +62,6 @@ def resolve(config_or_path: TrainConfig | str | os.PathLike, overrides=(), *, ch
 
 
 def _apply(cfg: TrainConfig, overrides) -> dict:
-    from pipeline.train.config import apply_overrides
-
     return apply_overrides(cfg.to_dict(), list(overrides))
 
 
@@ -126,19 +130,12 @@ def _child_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            env.setdefault("DS_ACCELERATOR", "cpu")
-    except ImportError:
-        pass
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
     return env
 
 
 def _launch_processes(launcher: str, nproc: int, args: list[str], out: Path, timeout_s: float | None) -> None:
-    from pipeline.train.distributed import free_port
-
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
     env = _child_env()
@@ -209,10 +206,7 @@ def _tee(stream, log) -> None:
 # Ray Train.
 
 def _ray_train_fn(loop_config: dict) -> None:
-    import ray.train
-
-    from pipeline.train.data import streaming_env
-    from pipeline.train.trainer import run
+    import ray.train  # lazy: Ray only for the ray launcher
 
     os.environ.update(loop_config["env"])
     ctx = ray.train.get_context()
@@ -232,8 +226,6 @@ def _check_elastic(cfg: TrainConfig, min_workers: int, world: int) -> None:
     """The smallest world must split the global batch; name the sizes in between that cannot."""
     if not 1 <= min_workers <= world:
         raise ConfigError(f"min_workers: {min_workers} must be between 1 and the {world} workers")
-    from pipeline.train.config import batch_split
-
     batch_split(cfg, min_workers)
     bad = []
     for w in range(min_workers, world):
@@ -247,6 +239,7 @@ def _check_elastic(cfg: TrainConfig, min_workers: int, world: int) -> None:
 
 
 def _launch_ray(cfg: TrainConfig, world: int, resume: str, force: bool, opts: RayOptions) -> None:
+    # lazy: Ray (seconds to import) only for the ray launcher
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -289,8 +282,6 @@ def _launch_ray(cfg: TrainConfig, world: int, resume: str, force: bool, opts: Ra
 # Per-rank entry point of the process launchers.
 
 def _worker_main(argv: list[str] | None = None) -> int:
-    from pipeline.train.trainer import run
-
     p = argparse.ArgumentParser(prog="python -m pipeline.train.launcher")
     p.add_argument("config")
     p.add_argument("--resume", default="auto")
