@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
+
+from pipeline import storage
 
 
 def register(subparsers) -> None:
@@ -33,9 +36,7 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    from pipeline import storage
+    # lazy: `coatnet --help` imports every sub-command module; this one pulls in torch (see pipeline.cli)
     from pipeline.registry import register as register_model
 
     evaluation = args.evaluation or storage.join(args.model, "eval", "val", "evaluation.json")

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from pipeline import storage
 from pipeline.data.manifest import load_manifest
@@ -47,8 +49,6 @@ def read_manifest(data: str) -> dict[str, Any]:
 
 def _batches(data: str, split: str, pre: Preprocessing, *, batch_size: int, num_workers: int,
              max_samples: int | None) -> Iterator[dict]:
-    from torch.utils.data import DataLoader
-
     split_uri = storage.join(data, split)
     if not storage.exists(storage.join(split_uri, "index.json")):
         raise FileNotFoundError(f"{data}: no split '{split}' ({split_uri}/index.json missing)")
@@ -186,13 +186,11 @@ def _slug(uri: str) -> str:
 
 
 def _progress(total: int | None, enabled: bool, desc: str):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, mininterval=2.0)
 
 
 def _log_mlflow(report: dict, out: Path, run_id: str | None, experiment: str, tracking_uri: str | None) -> str:
-    import mlflow
+    import mlflow  # lazy: MLflow is slow to import; only a logged evaluation (log_mlflow) needs it
 
     configure(tracking_uri)
     kwargs = run_kwargs(run_id, experiment, f"evaluate-{report['split']}")

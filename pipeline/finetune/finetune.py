@@ -24,11 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
+import coatnet
 from pipeline import storage
+from pipeline.data.manifest import load_manifest
+from pipeline.data.synsets import synsets
+from pipeline.evaluate.preprocessing import Preprocessing
 from pipeline.finetune.config import FinetuneConfig, load_finetune_config
 from pipeline.finetune.consolidate import CheckpointNotFound, consolidate, resolve_checkpoint
 from pipeline.finetune.head import HeadInit, class_children, init_head
+from pipeline.secrets import scrub, scrub_text
+from pipeline.train import launch
 from pipeline.train.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -69,18 +76,13 @@ class FinetuneResult:
 def load_source_classes(spec: str) -> tuple[list[str], Any, list[str] | None, str | None]:
     """``(classes, parent_map, parent_classes, manifest_hash)`` of the pretraining label space."""
     if spec.startswith(TIMM_PREFIX):
-        from pipeline.data.synsets import synsets
-
         return list(synsets(spec[len(TIMM_PREFIX):])), None, None, None
-    from pipeline.data.manifest import load_manifest
 
     m = load_manifest(spec)
     return list(m["classes"]), m.get("parent_map"), m.get("parent_classes"), m.get("manifest_hash")
 
 
 def _load_safetensors(uri: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     if not storage.is_remote(uri):
         return load_file(uri)
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,8 +119,6 @@ def load_pretrained_state(pretrained: str, work_dir: Path) -> tuple[dict[str, to
             log.warning("%s has no DeepSpeed checkpoint; using its exported model.safetensors", pretrained)
             return _load_safetensors(exported), None
         raise ConfigError(f"finetune.pretrained: {e}") from e
-    from safetensors.torch import load_file
-
     out = consolidate(root, work_dir / "pretrained_fp32.safetensors", tag=tag)
     return load_file(str(out)), storage.join(root, tag)
 
@@ -133,8 +133,6 @@ def _fingerprint(cfg: FinetuneConfig, target_hash: str | None) -> str:
 
 def _check_fits(state: dict[str, torch.Tensor], cfg: FinetuneConfig, num_classes: int) -> None:
     """Fail before compute when the prepared weights cannot load strictly into the fine-tuning model."""
-    import coatnet
-
     m = cfg.train.model
     with torch.device("meta"):
         model = coatnet.create_model(m.name, num_classes=num_classes, img_size=m.img_size,
@@ -156,10 +154,6 @@ def _check_fits(state: dict[str, torch.Tensor], cfg: FinetuneConfig, num_classes
 
 def prepare_init_weights(cfg: FinetuneConfig, *, force: bool = False) -> PreparedInit:
     """Write ``{output_dir}/finetune/init.safetensors`` (consolidated, head mapped) unless already there."""
-    from safetensors.torch import save_file
-
-    from pipeline.data.manifest import load_manifest
-
     work = Path(cfg.train.output_dir, FINETUNE_DIR)
     work.mkdir(parents=True, exist_ok=True)
     target = load_manifest(cfg.train.data.root)
@@ -197,7 +191,6 @@ def prepare_init_weights(cfg: FinetuneConfig, *, force: bool = False) -> Prepare
     tmp = init.with_name(f".{init.name}.tmp")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     tmp.replace(init)
-    from pipeline.secrets import scrub_text
 
     prepared = PreparedInit(init, head.to_dict(), scrub_text(ft.pretrained), checkpoint and scrub_text(checkpoint),
                             _pretrain_run_id(ft.pretrained), fp)
@@ -217,9 +210,6 @@ def run(
     **launch_kwargs: Any,
 ) -> FinetuneResult:
     """Fine-tune: prepare ``init.safetensors``, then ``pipeline.train.launch`` the recipe with it."""
-    from pipeline.evaluate.preprocessing import Preprocessing
-    from pipeline.secrets import scrub
-
     cfg = config if isinstance(config, FinetuneConfig) else load_finetune_config(config, list(overrides))
     if isinstance(config, FinetuneConfig) and overrides:
         raise ValueError("overrides go with a config path; apply them before building a FinetuneConfig")
@@ -234,8 +224,6 @@ def run(
               "data_manifest_hash": _manifest_hash(train_cfg.data.root)}
     (out / FINETUNE_JSON).write_text(json.dumps(record, indent=2, default=str))
 
-    from pipeline.train import launch
-
     result = launch(train_cfg, [], launcher=launcher, nproc=nproc, resume=resume, **launch_kwargs)
     record["finetune_run_id"] = result.mlflow_run_id
     record["train"] = {"finished": result.finished, "step": result.step, "total_steps": result.total_steps,
@@ -245,8 +233,6 @@ def run(
 
 
 def _manifest_hash(root: str) -> str | None:
-    from pipeline.data.manifest import load_manifest
-
     return load_manifest(root).get("manifest_hash")
 
 
