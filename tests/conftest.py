@@ -12,6 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from pipeline import storage
+from pipeline.storage import s3_client
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -55,7 +58,6 @@ _S3_ENV = ("S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AW
 @pytest.fixture(autouse=True)
 def _fresh_s3_clients() -> Iterator[None]:
     # boto3 clients are cached per endpoint with the credentials they found; tests change both.
-    from pipeline import storage
 
     storage.reset_clients()
     yield
@@ -65,8 +67,6 @@ def _fresh_s3_clients() -> Iterator[None]:
 @pytest.fixture
 def s3_bucket(s3_endpoint: str) -> str:
     """A fresh, empty bucket on the local S3 server; returns ``s3://NAME``."""
-    from pipeline.storage import s3_client
-
     name = f"test-{uuid.uuid4().hex[:12]}"
     s3_client().create_bucket(Bucket=name)
     return f"s3://{name}"
