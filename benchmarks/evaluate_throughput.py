@@ -21,11 +21,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+import coatnet  # noqa: E402
+from pipeline.artifacts import read_manifest  # noqa: E402
+from pipeline.data import shard_dataset  # noqa: E402
+from pipeline.evaluate import evaluate  # noqa: E402
+
 
 def make_run(out: Path, name: str, img_size: int, num_classes: int) -> str:
     from safetensors.torch import save_file
-
-    import coatnet
 
     model = coatnet.create_model(name, num_classes=num_classes, img_size=img_size)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -49,14 +52,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
 
-    from pipeline.artifacts import read_manifest
-    from pipeline.evaluate import evaluate
-
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
         if data is None:
-            from pipeline.data import shard_dataset
-
             data = shard_dataset("digits", str(Path(tmp, "digits")), executor="local", progress=False).uri
         n_cls = read_manifest(data).num_classes
         run = make_run(Path(tmp, "run"), args.model, args.img_size, n_cls)

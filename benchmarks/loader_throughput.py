@@ -54,6 +54,21 @@ from PIL import Image, ImageFilter
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from pipeline.data import shard_dataset  # noqa: E402
+from pipeline.train.config import (  # noqa: E402
+    dataset_root,
+    load_config,
+    make_plan,
+)
+from pipeline.train.data import (  # noqa: E402
+    ImageShards,
+    build_train_loader,
+    decode,
+)
+from pipeline.train.device_input import to_device  # noqa: E402
+from pipeline.train.streaming_shm import dataset_prefix, release_deleted_dataset  # noqa: E402
+from pipeline.train.transforms import augment_seed, batch_mix, to_uint8_hwc, train_augment, train_transform  # noqa: E402
+
 # timm's CoAtNet training step on one H200 (bf16, batch 256; ../shared/device/README.md).
 DEFAULT_GPU_RATES = ("coatnet_2=882", "coatnet_0=1885")
 DEFAULT_TARGET = 1.5  # the project's goal: 1.5x timm's images/s
@@ -115,8 +130,6 @@ def live_tree_cpu_seconds() -> float | None:
 
 def recipe_config(recipe: str, dataset: str, run_dir: Path, workers: int, batch: int, img_size: int):
     """The recipe's TrainConfig, pointed at the benchmark's shards, with this pass's worker count."""
-    from pipeline.train.config import load_config
-
     path = ROOT / "configs" / "pretrain" / f"{recipe}.yaml"
     overrides = [
         f"data.root={dataset}", f"output_dir={run_dir}", f"data.cache_dir={run_dir / 'cache'}",
@@ -139,10 +152,6 @@ def float_path_of_before(cfg, plan) -> dict:
     import torch
     from torch.utils.data import default_collate
 
-    from pipeline.train.data import ImageShards
-    from pipeline.train.transforms import augment_seed as _mix_seed
-    from pipeline.train.transforms import batch_mix, train_transform
-
     class FloatShardsBefore(ImageShards):
         def __getitem__(self, idx: int) -> dict:
             row = super(ImageShards, self).__getitem__(idx)
@@ -151,7 +160,7 @@ def float_path_of_before(cfg, plan) -> dict:
                 x = self.transform(img)
             else:
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(_mix_seed(self.aug_seed, self.next_epoch - 1, idx))
+                    torch.manual_seed(augment_seed(self.aug_seed, self.next_epoch - 1, idx))
                     x = self.transform(img)
             return {"image": x, "label": int(row["label"]), "idx": int(idx), "key": str(row.get("key", idx))}
 
@@ -163,7 +172,7 @@ def float_path_of_before(cfg, plan) -> dict:
         def __call__(self, rows: list[dict]) -> dict:
             batch = default_collate(rows)
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_mix_seed(self.seed, *batch["idx"].tolist()[:8]))
+                torch.manual_seed(augment_seed(self.seed, *batch["idx"].tolist()[:8]))
                 batch["image"], batch["label"] = self.mix(batch["image"], batch["label"])
             return batch
 
@@ -176,10 +185,6 @@ def run_pass(recipe: str, path: str, dataset: str, run_dir: Path, workers: int, 
              max_seconds: float) -> dict:
     """One epoch (or ``max_seconds``) through a freshly built training loader, on the ``path`` before or after."""
     import torch
-
-    from pipeline.train.config import make_plan
-    from pipeline.train.data import build_train_loader
-    from pipeline.train.streaming_shm import dataset_prefix, release_deleted_dataset
 
     cfg = recipe_config(recipe, dataset, run_dir, workers, batch, img_size)
     plan = make_plan(cfg, 1, with_counts=False)
@@ -232,8 +237,6 @@ def sample_bytes(dataset: str, local: Path, n: int) -> list[bytes]:
     """The first ``n`` encoded images of the train split, read through streaming (what the loader reads)."""
     from streaming import StreamingDataset
 
-    from pipeline.train.config import dataset_root
-    from pipeline.train.streaming_shm import dataset_prefix, release_deleted_dataset
     ds = StreamingDataset(remote=f"{dataset_root(dataset)}/train", local=str(local), shuffle=False, batch_size=1)
     blobs = [ds[i]["image"] for i in range(min(n, ds.num_samples))]
     prefix = dataset_prefix(ds)
@@ -257,9 +260,6 @@ def bare_transform(recipe: str, dataset: str, run_dir: Path, blobs: list[bytes],
     worker does per sample minus streaming, collation, MixUp and IPC), for each step of ``BARE_STEPS``."""
     import torch
 
-    from pipeline.train.data import decode
-    from pipeline.train.transforms import augment_seed, to_uint8_hwc, train_augment, train_transform
-
     cfg = recipe_config(recipe, dataset, run_dir, 0, 1, img_size)
     float_tf, augment = train_transform(cfg.augment, img_size), train_augment(cfg.augment, img_size)
     out = {}
@@ -281,8 +281,6 @@ def device_step_on_cpu(recipe: str, dataset: str, run_dir: Path, batch: int, img
     the after path moved off the loader cores (on a GPU machine it is GPU work)."""
     import torch
 
-    from pipeline.train.device_input import to_device
-
     cfg = recipe_config(recipe, dataset, run_dir, 0, batch, img_size)
     b = {"image": torch.randint(0, 256, (batch, img_size, img_size, 3), dtype=torch.uint8),
          "label": torch.arange(batch) % 10, "idx": torch.arange(batch)}
@@ -297,8 +295,6 @@ def compare_decoders(blobs: list[bytes], repeats: int) -> dict:
     """JPEG decoders on the sharded bytes, one thread: CPU-ms per image and pixel difference from PIL."""
     import torch
     import torchvision.io as tio
-
-    from pipeline.train.data import decode
 
     datas = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
 
@@ -410,8 +406,6 @@ def main(argv: list[str] | None = None) -> int:
     gpu_rates = parse_rates(args.gpu_rates)
 
     import torch
-
-    from pipeline.data import shard_dataset
 
     # workers=0 is then a one-core synchronous baseline, like each worker (DataLoader gives workers one
     # thread); on a shared machine more intra-op threads only spin against other users.

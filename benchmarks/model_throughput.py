@@ -47,6 +47,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import coatnet  # noqa: E402
+from pipeline.train.config import load_config, make_plan  # noqa: E402
+from pipeline.train.device_input import to_device  # noqa: E402
+from pipeline.train.engine import build_model, initialize, input_dtype  # noqa: E402
+from pipeline.train.loss import build_loss  # noqa: E402
 
 
 def timm_name(name: str) -> str | None:
@@ -287,11 +291,6 @@ class TrainerRunner(Runner):
 
     def build(self, name: str, args: argparse.Namespace, device: torch.device) -> None:
         import torch.distributed as dist
-
-        from pipeline.train.config import load_config, make_plan
-        from pipeline.train.device_input import to_device
-        from pipeline.train.engine import build_model, initialize, input_dtype
-        from pipeline.train.loss import build_loss
 
         join_world_of_one(device)
         recipe = trainer_recipe(name, args)

@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.data import shard_dataset
+
 DUP_EVERY = 1000
 
 
@@ -60,8 +62,6 @@ def child_memory(n: int, classes: int, workers: int) -> dict:
     import logging
 
     import ray
-
-    from pipeline.data import shard_dataset
 
     ray.init(num_cpus=workers, include_dashboard=False, object_store_memory=256 << 20, logging_level=logging.WARNING)
     base = _rss_mb()
@@ -110,8 +110,6 @@ def scaling(n: int, classes: int, workers: int, repeats: int) -> dict:
     import logging
 
     import ray
-
-    from pipeline.data import shard_dataset
 
     ray.init(num_cpus=workers, include_dashboard=False, object_store_memory=256 << 20, logging_level=logging.WARNING)
     runs: dict[int, list[dict]] = {1: [], workers: []}

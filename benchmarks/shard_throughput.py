@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from pipeline.data import shard_dataset
+
 H200_COATNET2_IMAGES_PER_S = (900, 1800)  # the training rate range for one H200
 
 
@@ -61,8 +63,6 @@ def tree_cpu_seconds() -> float:
 
 
 def run_once(source: str, out: str, executor: str, workers: int, max_side: int) -> dict:
-    from pipeline.data import shard_dataset
-
     cpu0, t = tree_cpu_seconds(), time.perf_counter()
     res = shard_dataset(source, out, executor=executor, workers=workers, max_side=max_side, progress=False)
     seconds, cpu = time.perf_counter() - t, tree_cpu_seconds() - cpu0

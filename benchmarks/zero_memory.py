@@ -36,6 +36,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from pipeline.train.config import load_config, make_plan  # noqa: E402
+from pipeline.train.distributed import (  # noqa: E402
+    free_port,
+    setup_distributed,
+)
+from pipeline.train.ema import ShardedEma  # noqa: E402
+from pipeline.train.engine import build_model, initialize  # noqa: E402
+
 MiB = 2**20
 
 
@@ -67,11 +76,6 @@ def _live() -> int:
 def worker(a: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
-
-    from pipeline.train.config import load_config, make_plan
-    from pipeline.train.distributed import setup_distributed
-    from pipeline.train.ema import ShardedEma
-    from pipeline.train.engine import build_model, initialize
 
     torch.set_num_threads(a.threads)
     ctx = setup_distributed()
@@ -131,8 +135,6 @@ def worker(a: argparse.Namespace) -> None:
 # The driver: every configuration in its own processes, then the table and the fitted model.
 
 def run_config(a: argparse.Namespace, stage: int, world: int, ema: bool, tmp: Path) -> list[dict]:
-    from pipeline.train.distributed import free_port
-
     out = tmp / f"z{stage}-w{world}-e{int(ema)}.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": str(a.threads), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),

@@ -139,13 +139,14 @@ class CoAtNetConfig:
         return cls.from_dict(json.loads(s))
 
     def to_yaml(self) -> str:
+        # lazy: the model package needs only torch; PyYAML only when YAML is asked for
         import yaml
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
     def from_yaml(cls, s: str) -> CoAtNetConfig:
-        import yaml
+        import yaml  # lazy, as in to_yaml
 
         return cls.from_dict(yaml.safe_load(s))
 

@@ -104,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     _prepare_env()
+    # lazy: Prefect, DeepSpeed and MLflow read the settings _prepare_env just made when they are imported
     from flows.pretrain import pretrain_coatnet
 
     run_name = args.run_name or time.strftime("demo-%Y%m%d-%H%M%S")

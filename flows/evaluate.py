@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -15,6 +16,7 @@ from flows import summary as summary_md
 from flows import tasks
 from flows.params import DataSpec, ParameterError, check_data_spec, check_store, dataset_uri
 from flows.pretrain import DEMO_FINETUNE_SOURCE, DEMO_STORE
+from pipeline.evaluate import is_registry_uri
 
 
 @flow(name="evaluate-coatnet", log_prints=True, validate_parameters=True)
@@ -26,10 +28,6 @@ def evaluate_coatnet(
     max_samples: int | None = None,
     mlflow_tracking_uri: str | None = None,
 ) -> dict[str, Any]:
-    from pathlib import Path
-
-    from pipeline.evaluate import is_registry_uri
-
     tracking = tasks.tracking_uri(mlflow_tracking_uri)
     if not (is_registry_uri(model) or Path(model).is_dir()):
         raise ParameterError(f"model {model!r} is neither a run directory nor a models:/NAME@ALIAS URI")

@@ -19,7 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from pipeline import storage
 from pipeline.artifacts import RunDir
-from pipeline.train.launch_options import Launcher, LaunchOptions
+from pipeline.data import shard_dataset
+from pipeline.data.sources import SourceError, parse_source
+from pipeline.finetune import load_finetune_config
+from pipeline.launch_options import Launcher, LaunchOptions
+from pipeline.train.config import load_config
 
 
 class ParameterError(ValueError):
@@ -40,7 +44,7 @@ class DataSpec(BaseModel):
 
 class TrainingTarget(LaunchOptions):
     """Where the training stages run: the launch options of `coatnet pretrain|finetune` (launcher, nproc, the
-    Ray Train workers; ``pipeline.train.launch_options``) plus where the flow starts them. ``local``: the
+    Ray Train workers; ``pipeline.launch_options``) plus where the flow starts them. ``local``: the
     launcher's processes on the host of the flow run. ``ray-job``: the `coatnet` CLI with these options,
     submitted to a Ray cluster through Ray Jobs, logs followed to the end."""
 
@@ -93,8 +97,6 @@ def dataset_uri(store: str, source: str) -> str:
     Named by the source kind plus a hash of its normalised spec (``digits21k-3f2a...``), so two sources of
     the same kind (different folders, sizes, rotations) never share a directory.
     """
-    from pipeline.data.sources import parse_source
-
     spec = parse_source(source).spec
     kind = spec.partition(":")[0]
     return storage.join(store, "datasets", f"{kind}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}")
@@ -102,8 +104,6 @@ def dataset_uri(store: str, source: str) -> str:
 
 def check_source(spec: DataSpec) -> None:
     """The source spec parses and its folder (if any) exists: cheap, no file is opened."""
-    from pipeline.data.sources import SourceError, parse_source
-
     try:
         parse_source(spec.source)
     except SourceError as e:
@@ -156,8 +156,6 @@ def check_config_file(path: str) -> None:
 
 def check_data_spec(spec: DataSpec) -> None:
     """The source parses and every option is a keyword of ``shard_dataset``."""
-    from pipeline.data import shard_dataset
-
     check_source(spec)
 
     params = inspect.signature(shard_dataset).parameters
@@ -189,11 +187,7 @@ def load_stage_config(stage: str, config_path: str, overrides: list[str] | tuple
     check_config_file(config_path)
     try:
         if stage == "finetune":
-            from pipeline.finetune import load_finetune_config
-
             return load_finetune_config(config_path, list(overrides), check_data=False)
-        from pipeline.train.config import load_config
-
         return load_config(config_path, list(overrides), check_data=False)
     except Exception as e:  # noqa: BLE001 - any loader error is a parameter error of this flow run
         raise ParameterError(f"{stage} recipe {config_path}: {type(e).__name__}: {e}") from e
@@ -201,7 +195,7 @@ def load_stage_config(stage: str, config_path: str, overrides: list[str] | tuple
 
 def default_run_name() -> str:
     """The flow run's name: stable across Prefect retries of the same flow run, so *Retry* resumes."""
-    from prefect.runtime import flow_run
+    from prefect.runtime import flow_run  # lazy: the rest of flows.params works without importing Prefect
 
     name = flow_run.name
     if not name:

@@ -13,7 +13,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.artifacts import RunDir
+from pipeline.cli import main as coatnet
+from pipeline.train.config import apply_overrides, read_recipe
 
 # Not copied: the trainer uploads the checkpoints itself; logs, the streaming cache and Ray's files stay.
 SKIP_DIRS = (RunDir.CHECKPOINTS, RunDir.LOGS, RunDir.CACHE, "ray")
@@ -25,9 +28,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("cli", nargs=argparse.REMAINDER, help="-- then the `coatnet` arguments")
     args = parser.parse_args(argv)
     cli = args.cli[1:] if args.cli[:1] == ["--"] else args.cli
-
-    from pipeline import storage
-    from pipeline.cli import main as coatnet
 
     rc = coatnet(cli)
     if rc:
@@ -43,8 +43,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def output_dir_of(cli: Sequence[str]) -> str:
     """The run directory the command wrote: its recipe's ``output_dir`` after the command's overrides."""
-    from pipeline.train.config import apply_overrides, read_recipe
-
     config = cli[list(cli).index("--config") + 1]
     overrides = [a for a in cli[1:] if "=" in a and not a.startswith("-")]
     data = apply_overrides(read_recipe(config), overrides)  # with the rows' `extends:` resolved

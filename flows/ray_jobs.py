@@ -62,6 +62,7 @@ class RayJobOutcome:
 
 
 def _client(address: str):
+    # lazy: Ray takes seconds to import; only training.mode ray-job submits jobs
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(address)

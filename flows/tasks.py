@@ -19,8 +19,17 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
-from flows.params import DataSpec, StagePlan, TrainingTarget
+from flows.params import DataSpec, StagePlan, TrainingTarget, run_uri
+from flows.ray_jobs import RayJobSpec, run_ray_job
+from pipeline import storage
 from pipeline.artifacts import Manifest, RunDir, TrainResult
+from pipeline.data import ShardError, SourceError, shard_dataset, verify_shards
+from pipeline.evaluate import evaluate as evaluate_model
+from pipeline.finetune import run as finetune_run
+from pipeline.registry import register as register_model
+from pipeline.storage import StorageError
+from pipeline.tracking import resolve_tracking_uri
+from pipeline.train import launch
 from pipeline.train.checkpoint import CheckpointManager
 
 IO_RETRIES = int(os.environ.get("COATNET_FLOW_IO_RETRIES", "3"))
@@ -61,9 +70,6 @@ def _jsonable(v: Any) -> Any:
 
 def transient(task, task_run, state) -> bool:
     """Retry only failures that a retry can fix: a wrong source, bad options or corrupt shards fail at once."""
-    from pipeline.data import ShardError, SourceError
-    from pipeline.storage import StorageError
-
     try:
         state.result()
     except (SourceError, ShardError, StorageError, ValueError, TypeError, CachedShardsInvalid):
@@ -95,8 +101,6 @@ class CachedShardsInvalid(RuntimeError):
 def shard(spec: DataSpec, out: str) -> dict[str, Any]:
     """Shard ``spec.source`` under ``out``. ``shard_dataset`` skips the work when shards of the same
     config hash are there; the flow then verifies them against their manifest before trusting them."""
-    from pipeline.data import shard_dataset, verify_shards
-
     logger = get_run_logger()
     result = shard_dataset(spec.source, out, **spec.options)
     verified = None
@@ -151,12 +155,8 @@ def train_summary(result: Mapping[str, Any], resumed_from: int | None, mode: str
 
 def _launch_local(plan: StagePlan, target: TrainingTarget) -> dict[str, Any]:
     if plan.stage == "finetune":
-        from pipeline.finetune import run as finetune_run
-
         ft = finetune_run(plan.config_path, list(plan.overrides), resume="auto", **target.launch_kwargs())
         return {**as_dict(ft.train), "init_weights": str(ft.init.path), "head_init": _jsonable(ft.init.head)}
-    from pipeline.train import launch
-
     return as_dict(launch(plan.config_path, list(plan.overrides), resume="auto", **target.launch_kwargs()))
 
 
@@ -174,10 +174,6 @@ def cli_command(plan: StagePlan, target: TrainingTarget, outputs_uri: str) -> li
 
 
 def _launch_ray_job(plan: StagePlan, target: TrainingTarget, run_name: str, store: str) -> dict[str, Any]:
-    from flows.params import run_uri
-    from flows.ray_jobs import RayJobSpec, run_ray_job
-    from pipeline import storage
-
     outputs_uri = storage.join(run_uri(store, run_name, plan.stage), "outputs")
     forwarded = {k: os.environ[k] for k in JOB_ENV if k in os.environ}
     spec = RayJobSpec(
@@ -245,8 +241,6 @@ def finetune(plan: StagePlan, target: TrainingTarget, run_name: str, store: str,
 def evaluate(model_dir: str, dataset: dict, *, split: str = "val", tracking_uri: str | None = None,
              mlflow_run_id: str | None = None, max_samples: int | None = None) -> dict[str, Any]:
     """Top-1/top-5, loss, calibration of the raw and EMA weights of a fine-tuned run on a held-out split."""
-    from pipeline.evaluate import evaluate as evaluate_model
-
     report = evaluate_model(model_dir, dataset["uri"], split=split, tracking_uri=tracking_uri,
                             mlflow_run_id=mlflow_run_id, max_samples=max_samples, progress=False,
                             num_workers=0)
@@ -276,8 +270,6 @@ def register(model_dir: str, evaluation: dict, *, model_name: str, tracking_uri:
              lineage: dict | None = None) -> dict[str, Any]:
     """Register the best-scoring weights in MLflow: every version gets ``candidate``; ``champion`` moves to
     it when its top-1 beats the current champion's."""
-    from pipeline.registry import register as register_model
-
     reg = register_model(model_dir, evaluation, name=model_name, tracking_uri=tracking_uri, lineage=lineage)
     get_run_logger().info("registered %s version %s (aliases: %s)", reg.name, reg.version, ", ".join(reg.aliases))
     return as_dict(reg)
@@ -285,8 +277,6 @@ def register(model_dir: str, evaluation: dict, *, model_name: str, tracking_uri:
 
 def tracking_uri(uri: str | None) -> str:
     """The MLflow store every stage of a run uses: explicit, else MLFLOW_TRACKING_URI, else ./mlflow.db."""
-    from pipeline.tracking import resolve_tracking_uri
-
     resolved = resolve_tracking_uri(uri)
     if resolved.startswith("sqlite:///") and not resolved.startswith("sqlite:////"):
         # Relative SQLite paths are made absolute so training ranks and evaluation write to the same file.

@@ -16,7 +16,7 @@ from pipeline.tracking import configure
 
 def load_model(uri: str, *, tracking_uri: str | None = None) -> torch.nn.Module:
     """A registered model (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/...``) as a torch module."""
-    import mlflow
+    import mlflow  # lazy: MLflow is slow to import; pipeline.evaluate imports this for registry URIs only
 
     configure(tracking_uri)
     return mlflow.pytorch.load_model(uri)
@@ -24,7 +24,7 @@ def load_model(uri: str, *, tracking_uri: str | None = None) -> torch.nn.Module:
 
 def model_metadata(uri: str, *, tracking_uri: str | None = None) -> dict[str, Any]:
     """The metadata logged with the model (preprocessing, img_size, num_classes, model_config, top1)."""
-    import mlflow
+    import mlflow  # lazy: MLflow is slow to import; pipeline.evaluate imports this for registry URIs only
 
     configure(tracking_uri)
     return dict(mlflow.models.get_model_info(uri).metadata or {})

@@ -77,6 +77,7 @@ def endpoint_url() -> str | None:
 
 @functools.cache
 def _client_for(endpoint: str | None):
+    # lazy: boto3 takes a while to import and local paths never need it
     import boto3
     from botocore.config import Config
 
@@ -109,7 +110,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def exists(uri: str) -> bool:
     if not is_remote(uri):
         return Path(uri).exists()
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import ClientError  # lazy, as in _client_for
 
     bucket, key = split_s3(uri)
     try:
@@ -279,6 +280,7 @@ def open_stream(uri: str) -> Iterator[BinaryIO]:
 def access_problem(e: BaseException, uri: str) -> str | None:
     """A sentence for an object-store error the user must fix (no bucket, denied, no credentials, no
     endpoint), or None for anything else (a transient error, a bug)."""
+    # lazy, as in _client_for
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
     bucket = split_s3(uri)[0] if is_remote(uri) else ""

@@ -21,7 +21,7 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 
 def configure(uri: str | None = None) -> str:
     """Point MLflow (tracking and registry) at ``uri`` and return it."""
-    import mlflow
+    import mlflow  # lazy: MLflow is slow to import; resolving a URI or scrubbing never needs it
 
     resolved = resolve_tracking_uri(uri)
     mlflow.set_tracking_uri(resolved)
@@ -35,6 +35,7 @@ def run_kwargs(run_id: str | None, experiment: str, run_name: str) -> dict[str, 
     A later stage (evaluation, registration) logs into the training run so one run holds the whole story;
     a run id from another server (a copied run directory) falls back to a new run with a warning.
     """
+    # lazy, as in configure
     import mlflow
     from mlflow.exceptions import MlflowException
 

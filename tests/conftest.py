@@ -12,6 +12,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from pipeline import storage
+from pipeline.data import shard_dataset
+from pipeline.storage import s3_client
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -55,7 +59,6 @@ _S3_ENV = ("S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AW
 @pytest.fixture(autouse=True)
 def _fresh_s3_clients() -> Iterator[None]:
     # boto3 clients are cached per endpoint with the credentials they found; tests change both.
-    from pipeline import storage
 
     storage.reset_clients()
     yield
@@ -65,8 +68,6 @@ def _fresh_s3_clients() -> Iterator[None]:
 @pytest.fixture
 def s3_bucket(s3_endpoint: str) -> str:
     """A fresh, empty bucket on the local S3 server; returns ``s3://NAME``."""
-    from pipeline.storage import s3_client
-
     name = f"test-{uuid.uuid4().hex[:12]}"
     s3_client().create_bucket(Bucket=name)
     return f"s3://{name}"
@@ -76,8 +77,6 @@ def s3_bucket(s3_endpoint: str) -> str:
 def masked_shards(tmp_path_factory) -> str:
     """A local dataset root with masked samples in both splits: synthetic images (4 classes), every 5th a copy of
     the one before it in another class, dealt into parts of ~32 so that most copies are found across parts."""
-    from pipeline.data import shard_dataset
-
     out = tmp_path_factory.mktemp("masked-shards")
     result = shard_dataset("synthetic:n=320,classes=4,dup_every=5", str(out), executor="local", part_size=32,
                            minival_fraction=0.2, progress=False)

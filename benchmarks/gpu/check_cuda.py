@@ -23,6 +23,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import coatnet  # noqa: E402
+from pipeline.train.config import AugmentConfig  # noqa: E402
+from pipeline.train.device_input import mix_batch, normalize  # noqa: E402
+from pipeline.train.transforms import batch_mix  # noqa: E402
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -39,10 +42,6 @@ def fwd_bwd(model, x, y, amp):
 
 
 def device_input_check(dev: torch.device, batch: int, img_size: int) -> dict:
-    from pipeline.train.config import AugmentConfig
-    from pipeline.train.device_input import mix_batch, normalize
-    from pipeline.train.transforms import batch_mix
-
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     g = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (batch, img_size, img_size, 3), dtype=torch.uint8, generator=g)

@@ -6,6 +6,10 @@ import argparse
 import json
 import sys
 
+from pipeline.cluster import ClusterSpec, SpecError, format_table, render_all, sizing_table
+from pipeline.cluster.sizing import format_zero_table, zero_plans
+from pipeline.cluster.spec import DEFAULT_CONFIG
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("cluster", help="render Ray/KubeRay/AWS cluster files; size large runs",
@@ -65,9 +69,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _render(args: argparse.Namespace) -> int:
-    from pipeline.cluster import ClusterSpec, SpecError, render_all
-    from pipeline.cluster.spec import DEFAULT_CONFIG
-
     spec = ClusterSpec(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, model=args.model, img_size=args.img_size,
         global_batch=args.global_batch, micro_batch=args.micro_batch, zero_stage=args.zero_stage,
@@ -104,9 +105,6 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _sizing(args: argparse.Namespace) -> int:
-    from pipeline.cluster import format_table, sizing_table
-    from pipeline.cluster.sizing import format_zero_table, zero_plans
-
     try:
         rows = sizing_table(args.models, args.img_sizes, instance_type=args.instance_type,
                             target_days=args.target_days, max_nodes=args.max_nodes, global_batch=args.global_batch)

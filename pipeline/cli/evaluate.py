@@ -36,6 +36,7 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    # lazy: `coatnet --help` imports every sub-command module; this one pulls in torch (see pipeline.cli)
     from pipeline.evaluate import evaluate
 
     weights = tuple(w.strip() for w in args.weights.split(",") if w.strip())

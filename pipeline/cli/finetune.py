@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 
+from pipeline import launch_options
 from pipeline.cli.pretrain import add_launch_arguments, launch_kwargs, print_dry_run
-from pipeline.train import launch_options
 
 
 def register(subparsers) -> None:
@@ -28,8 +29,7 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
+    # lazy: `coatnet --help` imports every sub-command module; this one pulls in torch (see pipeline.cli)
     from pipeline.finetune import run
     from pipeline.train.config import ConfigError
 
@@ -60,8 +60,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _dry_run(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
+    # lazy: keeps `coatnet --help` light, as above
     from pipeline.finetune.dry_run import finetune_dry_run
 
     dry = finetune_dry_run(args.config, args.overrides, world_size=launch_options.from_arguments(args).world_size)
@@ -75,8 +74,6 @@ def _dry_run(args: argparse.Namespace) -> int:
 
 
 def _print_init(init) -> None:
-    from dataclasses import asdict
-
     head = init.head if isinstance(init.head, dict) else asdict(init.head)
     print(f"initial weights: {init.path} ({'reused' if init.reused else 'prepared'}; from {init.pretrained})")
     print(f"head: {head['mode']}, {head['num_classes']} classes from {head['source_classes']}"

@@ -19,6 +19,7 @@ def _fmt_g(x: float | None) -> str:
 
 
 def model_table(num_classes: int = 1000) -> list[dict]:
+    # lazy: `coatnet --help` imports every sub-command module; this one pulls in torch (see pipeline.cli)
     import coatnet
 
     rows = []

@@ -6,9 +6,10 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict
 from typing import Any
 
-from pipeline.train import launch_options
+from pipeline import launch_options
 
 
 def register(subparsers) -> None:
@@ -28,7 +29,7 @@ def register(subparsers) -> None:
 
 
 def add_launch_arguments(p: argparse.ArgumentParser, *, resume_help: str) -> None:
-    """Resume and dry-run flags, then the launch options' (pipeline.train.launch_options): shared by every
+    """Resume and dry-run flags, then the launch options' (pipeline.launch_options): shared by every
     command that trains (pretrain, finetune)."""
     p.add_argument("--resume", default="auto", metavar="auto|none|PATH", help=resume_help)
     p.add_argument("--force-resume", action="store_true",
@@ -45,11 +46,13 @@ def launch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
+    # lazy: `coatnet --help` imports every sub-command module; this one pulls in torch (see pipeline.cli)
     from pipeline.train.config import ConfigError
 
     try:
         if args.dry_run:
             return _dry_run(args)
+        # lazy: keeps `coatnet --help` light, as above
         from pipeline.train.launcher import launch
 
         result = launch(args.config, args.overrides, resume=args.resume, force_resume=args.force_resume,
@@ -58,6 +61,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"coatnet pretrain: invalid config: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - a failed rank or a refused resume: its message, not a traceback
+        # lazy: keeps `coatnet --help` light, as above
         from pipeline.train.checkpoint import ResumeError
         from pipeline.train.launcher import LaunchError
 
@@ -66,8 +70,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"coatnet pretrain: {e}", file=sys.stderr)
         return 1
     if args.json:
-        from dataclasses import asdict
-
         print(json.dumps(asdict(result), indent=2))
     else:
         m = result.final_metrics
@@ -82,6 +84,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _dry_run(args: argparse.Namespace) -> int:
+    # lazy: keeps `coatnet --help` light, as above
     from pipeline.train.dry_run import dry_run
 
     dry = dry_run(args.config, args.overrides, world_size=launch_options.from_arguments(args).world_size)
@@ -91,6 +94,7 @@ def _dry_run(args: argparse.Namespace) -> int:
 
 def print_dry_run(dry, *, config_path: str, launcher: str, as_json: bool, extra: dict | None = None) -> None:
     """The plan on stdout (text, or JSON with ``--json``); each warning on stderr as ``WARNING: ...``."""
+    # lazy: keeps `coatnet --help` light, as above
     from pipeline.train.engine import ds_config
 
     cfg, p = dry.config, dry.plan

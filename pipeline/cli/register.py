@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 
 from pipeline.artifacts import RunDir
 
@@ -35,8 +36,7 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
+    # lazy: `coatnet --help` imports every sub-command module; this one pulls in torch (see pipeline.cli)
     from pipeline.registry import register as register_model
 
     evaluation = args.evaluation or RunDir(args.model).evaluation("val")

@@ -36,6 +36,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: `coatnet --help` imports every sub-command module; this one pulls in torch (see pipeline.cli)
     from pipeline.data import format_summary, shard_dataset
 
     optional = {

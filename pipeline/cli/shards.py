@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 
 def register(subparsers) -> None:
@@ -18,6 +19,7 @@ def register(subparsers) -> None:
 
 
 def verify(args: argparse.Namespace) -> int:
+    # lazy: `coatnet --help` imports every sub-command module; this one pulls in torch (see pipeline.cli)
     from pipeline.data import verify_shards
 
     report = verify_shards(args.uri)  # a missing dataset: ManifestNotFound, one line from pipeline.cli.main
@@ -26,8 +28,7 @@ def verify(args: argparse.Namespace) -> int:
 
 
 def info(args: argparse.Namespace) -> int:
-    import json
-
+    # lazy: keeps `coatnet --help` light, as above
     from pipeline.data import format_summary, load_manifest
 
     manifest = load_manifest(args.uri)

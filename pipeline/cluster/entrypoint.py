@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 
 from pipeline.cluster.spec import ClusterSpec
-from pipeline.train.launch_options import LaunchOptions
+from pipeline.launch_options import LaunchOptions
 
 # Node-local NVMe: mounted by the launcher's setup commands (RAID-0 of the instance-store disks) and by the
 # KubeRay pods (an emptyDir on nodes whose ephemeral storage is the instance store).

@@ -188,6 +188,7 @@ def validate_ray_cluster_config(config: dict) -> dict:
 
     Returns the config with defaults filled (what `ray up` would use).
     """
+    # lazy: Ray takes seconds to import; only this check needs its autoscaler
     from ray.autoscaler._private.commands import prepare_config
     from ray.autoscaler._private.util import validate_config
 

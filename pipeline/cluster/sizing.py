@@ -77,6 +77,7 @@ PAPER_GMACS = {  # (img_size, GMACs) pairs read from the paper
 def known_models() -> list[str]:
     """Model names the renderer accepts: the model package's registry when present, else the paper's."""
     try:
+        # lazy and optional: cluster files render without torch, from the paper's tables
         import coatnet
 
         return sorted(set(coatnet.list_models()))
@@ -93,7 +94,7 @@ def _paper_count(name: str, img_size: int) -> tuple[float, float]:
 def count(name: str, img_size: int) -> tuple[float, float, str]:
     """(parameters, MACs per image, source) for ``name`` at ``img_size``."""
     try:
-        import coatnet
+        import coatnet  # lazy and optional, as in known_models
 
         params, macs = coatnet.count(name, img_size)
         return float(params), float(macs), "coatnet.count"

@@ -132,7 +132,7 @@ class ClusterSpec:
 
 def _ray_version() -> str:
     try:
-        import ray
+        import ray  # lazy and optional: rendering does not need Ray itself
 
         return ray.__version__
     except ImportError:  # rendering does not need Ray itself

@@ -22,6 +22,9 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from pipeline import storage
 
 ROWS_PER_BUCKET = 500_000  # ~150 MB of Python rows in a reduce task
@@ -33,9 +36,6 @@ def buckets_for(rows: int) -> int:
 
 
 def _read_table(uri: str, columns: list[str]):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     return pq.read_table(pa.BufferReader(storage.read_bytes(uri)), columns=columns)
 
 

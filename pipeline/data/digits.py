@@ -27,6 +27,8 @@ import io
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
 
 NUM_DIGITS = 10
 DEFAULT_SIZE = 32
@@ -37,8 +39,6 @@ _VAL_SALT = "coatnet-digits-val-v1"
 
 @functools.cache
 def _images() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
     d = load_digits()
     return (d.images * (255.0 / 16.0)).round().astype(np.uint8), d.target.astype(np.int64)
 
@@ -81,8 +81,6 @@ def split_of(index: int) -> str:
 
 def render(index: int, rotation: int = 0, size: int = DEFAULT_SIZE) -> bytes:
     """Sample ``index`` rotated by ``rotation`` quarter turns, as ``size`` x ``size`` RGB PNG bytes."""
-    from PIL import Image
-
     img = np.rot90(_images()[0][index], rotation)
     pil = Image.fromarray(np.ascontiguousarray(img), mode="L")
     if size != img.shape[0]:

@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from pipeline import storage
 from pipeline.errors import UserError
 
 OBJECT_STORE_BYTES = 256 * 1024 * 1024
@@ -55,8 +56,6 @@ class LocalExecutor:
 
 def _call(fn: Callable, item: Any, endpoint: str | None, *shared: Any) -> Any:
     if endpoint and os.environ.get("S3_ENDPOINT_URL") != endpoint:
-        from pipeline import storage
-
         os.environ["S3_ENDPOINT_URL"] = endpoint
         storage.reset_clients()
     return fn(item, *shared)
@@ -73,7 +72,7 @@ class RayExecutor:
         self.cluster_cpus = 1
 
     def __enter__(self) -> RayExecutor:
-        import ray
+        import ray  # lazy: the local executor (tests, benchmarks' baseline) never pays for importing Ray
 
         if not ray.is_initialized():
             if self.address:
@@ -88,27 +87,24 @@ class RayExecutor:
         return self
 
     def __exit__(self, *exc) -> None:
-        import ray
+        import ray  # lazy, as in __enter__
 
         if self.started:
             ray.shutdown()
 
     def put(self, obj: Any) -> Any:
-        import ray
+        import ray  # lazy, as in __enter__
 
         return ray.put(obj)
 
     def defer(self, fn: Callable, *args: Any) -> Any:
         """``fn(*args)`` run as a task; its result stays in the object store (a reference for later tasks)."""
-        from pipeline import storage
-
         return self._remote.remote(fn, args[0], storage.endpoint_url(), *args[1:])
 
     def map(self, fn: Callable, items: Iterable, *shared: Any) -> Iterator[tuple[int, Any]]:
+        # lazy, as in __enter__
         import ray
         from ray.exceptions import RayTaskError
-
-        from pipeline import storage
 
         # Exactly ``workers`` in flight caps the job at that many CPUs of a bigger cluster; when it may use
         # the whole cluster, a second task per CPU hides the gap between one task's end and the next start.

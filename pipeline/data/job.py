@@ -28,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from streaming.base.util import merge_index
+
 from pipeline import storage
 from pipeline.data import dedup
 from pipeline.data.config import DEFAULT_MINIVAL_FRACTION, DEFAULT_SHARD_SIZE, ShardConfig, ShardConfigError
@@ -318,8 +320,6 @@ def _stage_totals(records) -> dict:
 
 def _merge_index(root: str, split: str, dirs: list[str]) -> dict:
     """Merge the parts' index.json into ``{root}/{split}/index.json`` with streaming's merge_index."""
-    from streaming.base.util import merge_index
-
     with tempfile.TemporaryDirectory(prefix="coatnet-merge-") as tmp:
         paths = [str(Path(tmp, d, "index.json")) for d in dirs]
         with ThreadPoolExecutor(IO_THREADS) as pool:

@@ -17,7 +17,8 @@ IN1K_SUBSET = "imagenet-1k"
 @functools.cache
 def synsets(subset: str) -> tuple[str, ...]:
     """The synsets of a timm ImageNet subset, in label order (e.g. ``imagenet-22k``, ``imagenet-1k``)."""
-    from timm.data import ImageNetInfo  # imported here: timm pulls in torch, which the listing need not
+    # lazy: timm is slow to import (torchvision, its model registry); only the label lists need it
+    from timm.data import ImageNetInfo
 
     return tuple(ImageNetInfo(subset).label_names())
 
@@ -50,6 +51,6 @@ def in21k_to_in1k_map(in21k_subset: str = IN21K_SUBSET) -> dict[int, int]:
 
 def describe(synset: str) -> str:
     """The WordNet lemma of a synset (e.g. ``n01440764`` -> ``tench, Tinca tinca``)."""
-    from timm.data import ImageNetInfo
+    from timm.data import ImageNetInfo  # lazy, as in synsets()
 
     return ImageNetInfo(IN1K_SUBSET).label_name_to_description(synset)

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from pipeline import storage
 from pipeline.artifacts import SPLIT_INDEX, EvaluationReport, RunDir, read_manifest
@@ -40,8 +42,6 @@ def _batches(data: str, split: str, pre: Preprocessing, *, batch_size: int, num_
              max_samples: int | None, masked: np.ndarray | None = None) -> Iterator[dict]:
     """The split's samples in order, less the ``masked`` indices (duplicates the sharding job found after
     writing them: each image is scored once); ``max_samples`` counts what is yielded."""
-    from torch.utils.data import DataLoader
-
     split_uri = storage.join(data, split)
     if not storage.exists(storage.join(split_uri, SPLIT_INDEX)):
         raise FileNotFoundError(f"{data}: no split '{split}' ({split_uri}/{SPLIT_INDEX} missing)")
@@ -185,13 +185,11 @@ def _slug(uri: str) -> str:
 
 
 def _progress(total: int | None, enabled: bool, desc: str):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, mininterval=2.0)
 
 
 def _log_mlflow(report: dict, out: Path, run_id: str | None, experiment: str, tracking_uri: str | None) -> str:
-    import mlflow
+    import mlflow  # lazy: MLflow is slow to import; only a logged evaluation (log_mlflow) needs it
 
     configure(tracking_uri)
     kwargs = run_kwargs(run_id, experiment, f"evaluate-{report['split']}")

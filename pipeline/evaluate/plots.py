@@ -11,10 +11,11 @@ MAX_CONFUSION_CLASSES = 50
 
 
 def _plt():
+    # lazy: matplotlib only when plotting, with the Agg backend chosen before pyplot loads
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: once the backend is chosen
 
     return plt
 

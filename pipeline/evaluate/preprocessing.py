@@ -14,6 +14,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -60,9 +63,6 @@ class Preprocessing:
     @functools.cached_property
     def transform(self):
         """PIL image -> normalised float32 CHW tensor (torchvision.transforms.v2)."""
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms import v2 as T
-
         interp = InterpolationMode(self.interpolation)
         if self.center_crop:
             ops: list = [T.Resize(int(round(self.img_size / self.crop_pct)), interpolation=interp, antialias=True),
@@ -74,7 +74,5 @@ class Preprocessing:
 
     def decode(self, data: bytes) -> torch.Tensor:
         """Encoded image bytes (JPEG/PNG) -> the model's input tensor (3, H, W)."""
-        from PIL import Image
-
         with Image.open(io.BytesIO(data)) as im:
             return self.transform(im.convert("RGB"))

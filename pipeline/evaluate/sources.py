@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import coatnet
@@ -65,8 +66,6 @@ def model_from_config(model_config: dict[str, Any]) -> nn.Module:
 
 def build_model(model_config: dict[str, Any], weights: str | Path) -> nn.Module:
     """A CoAtNet from its config dict and a safetensors file, in eval mode on CPU (strict load)."""
-    from safetensors.torch import load_file
-
     model = model_from_config(model_config)
     model.load_state_dict(load_file(str(weights)), strict=True)
     return model.eval()

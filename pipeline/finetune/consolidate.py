@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from pipeline import storage
 from pipeline.artifacts import RunDir
@@ -57,8 +58,8 @@ def resolve_checkpoint(uri: str, tag: str | None = None) -> tuple[str, str]:
 
 def consolidate(checkpoint_dir_or_uri: str | Path, out_path: str | Path, *, tag: str | None = None) -> Path:
     """Consolidate a ZeRO checkpoint into one fp32 state dict saved as safetensors at ``out_path``."""
+    # lazy: DeepSpeed takes seconds to import and picks an accelerator; only consolidation needs it
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from safetensors.torch import save_file
 
     root, tag = resolve_checkpoint(str(checkpoint_dir_or_uri), tag)
     out = Path(out_path)

@@ -24,12 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
+import coatnet
 from pipeline import storage
 from pipeline.artifacts import RunDir, TrainResult, read_manifest
+from pipeline.data.synsets import synsets
+from pipeline.evaluate.preprocessing import Preprocessing
 from pipeline.finetune.config import FinetuneConfig, load_finetune_config
 from pipeline.finetune.consolidate import CheckpointNotFound, consolidate, resolve_checkpoint
 from pipeline.finetune.head import HeadInit, class_children, init_head
+from pipeline.secrets import scrub, scrub_text
+from pipeline.train import launch
 from pipeline.train.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -65,16 +71,12 @@ class FinetuneResult:
 def load_source_classes(spec: str) -> tuple[list[str], Any, list[str] | None, str | None]:
     """``(classes, parent_map, parent_classes, manifest_hash)`` of the pretraining label space."""
     if spec.startswith(TIMM_PREFIX):
-        from pipeline.data.synsets import synsets
-
         return list(synsets(spec[len(TIMM_PREFIX):])), None, None, None
     m = read_manifest(spec)
     return list(m.classes), m.parent_map, m.parent_classes, m.manifest_hash
 
 
 def _load_safetensors(uri: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     if not storage.is_remote(uri):
         return load_file(uri)
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,8 +112,6 @@ def load_pretrained_state(pretrained: str, work_dir: Path) -> tuple[dict[str, to
             log.warning("%s has no DeepSpeed checkpoint; using its exported %s", pretrained, RunDir.WEIGHTS)
             return _load_safetensors(exported), None
         raise ConfigError(f"finetune.pretrained: {e}") from e
-    from safetensors.torch import load_file
-
     out = consolidate(root, work_dir / "pretrained_fp32.safetensors", tag=tag)
     return load_file(str(out)), storage.join(root, tag)
 
@@ -126,8 +126,6 @@ def _fingerprint(cfg: FinetuneConfig, target_hash: str | None) -> str:
 
 def _check_fits(state: dict[str, torch.Tensor], cfg: FinetuneConfig, num_classes: int) -> None:
     """Fail before compute when the prepared weights cannot load strictly into the fine-tuning model."""
-    import coatnet
-
     m = cfg.train.model
     with torch.device("meta"):
         model = coatnet.create_model(m.name, num_classes=num_classes, img_size=m.img_size,
@@ -149,8 +147,6 @@ def _check_fits(state: dict[str, torch.Tensor], cfg: FinetuneConfig, num_classes
 
 def prepare_init_weights(cfg: FinetuneConfig, *, force: bool = False) -> PreparedInit:
     """Write ``{output_dir}/finetune/init.safetensors`` (consolidated, head mapped) unless already there."""
-    from safetensors.torch import save_file
-
     work = RunDir(cfg.train.output_dir).local(RunDir.FINETUNE_DIR)
     work.mkdir(parents=True, exist_ok=True)
     target = read_manifest(cfg.train.data.root)
@@ -188,7 +184,6 @@ def prepare_init_weights(cfg: FinetuneConfig, *, force: bool = False) -> Prepare
     tmp = init.with_name(f".{init.name}.tmp")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     tmp.replace(init)
-    from pipeline.secrets import scrub_text
 
     prepared = PreparedInit(init, head.to_dict(), scrub_text(ft.pretrained), checkpoint and scrub_text(checkpoint),
                             _pretrain_run_id(ft.pretrained), fp)
@@ -207,9 +202,6 @@ def run(
     **launch_kwargs: Any,
 ) -> FinetuneResult:
     """Fine-tune: prepare ``init.safetensors``, then ``pipeline.train.launch`` the recipe with it."""
-    from pipeline.evaluate.preprocessing import Preprocessing
-    from pipeline.secrets import scrub
-
     cfg = config if isinstance(config, FinetuneConfig) else load_finetune_config(config, list(overrides))
     if isinstance(config, FinetuneConfig) and overrides:
         raise ValueError("overrides go with a config path; apply them before building a FinetuneConfig")
@@ -222,8 +214,6 @@ def run(
     record = {"init": {**asdict(prepared), "path": str(prepared.path)}, "config": scrub(cfg.to_dict()),
               "data_manifest_hash": _manifest_hash(train_cfg.data.root)}
     run_dir.write_json(RunDir.FINETUNE_RECORD, record, default=str)
-
-    from pipeline.train import launch
 
     result = launch(train_cfg, [], launcher=launcher, nproc=nproc, resume=resume, **launch_kwargs)
     record["finetune_run_id"] = result.mlflow_run_id

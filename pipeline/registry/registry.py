@@ -21,11 +21,16 @@ import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
 
 from pipeline.artifacts import EvaluationReport, Manifest, RunDir, read_manifest
 from pipeline.evaluate import load_run
@@ -84,9 +89,6 @@ def model_name(variant: str, dataset: str) -> str:
 
 def champion(name: str, *, tracking_uri: str | None = None) -> tuple[str, float] | None:
     """``(version, top1)`` of the current champion, or ``None``."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     configure(tracking_uri)
     client = mlflow.MlflowClient()
     try:
@@ -98,8 +100,6 @@ def champion(name: str, *, tracking_uri: str | None = None) -> tuple[str, float]
 
 def gate(name: str, version: str, top1: float, *, margin: float = 0.0, tracking_uri: str | None = None) -> GateDecision:
     """Set ``candidate`` on ``version``; move ``champion`` to it iff ``top1 > champion_top1 + margin``."""
-    import mlflow
-
     if margin < 0:
         raise ValueError(f"promotion margin must be >= 0, got {margin}")
     configure(tracking_uri)
@@ -121,9 +121,6 @@ def gate(name: str, version: str, top1: float, *, margin: float = 0.0, tracking_
 
 
 def _signature(img_size: int, num_classes: int):
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, img_size, img_size))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
@@ -156,8 +153,6 @@ def register_model(
     server; otherwise a new run is started in ``experiment`` and the id is kept as lineage.
     ``validate``: MLflow reloads the saved model and runs the input example through it.
     """
-    import mlflow
-
     configure(tracking_uri)
     model = model.eval().cpu()
     tags = lineage_tags(**dict(lineage or {}))
@@ -211,8 +206,6 @@ def register_model(
 
 
 def _pip_requirements() -> list[str]:
-    from importlib import metadata
-
     reqs = []
     for pkg in ("torch", "mlflow", "numpy", "safetensors"):
         try:
@@ -292,7 +285,5 @@ def register(
         experiment=experiment,
         tracking_uri=tracking_uri,
     )
-    import mlflow
-
     mlflow.MlflowClient().set_model_version_tag(result.name, result.version, "eval.weights", which)
     return result

@@ -9,6 +9,7 @@ Attributes are imported lazily so that reading a config does not import DeepSpee
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 _EXPORTS = {
@@ -32,7 +33,6 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        import importlib
-
+        # lazy by design (docstring): importing one submodule (config) loads no trainer
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'pipeline.train' has no attribute {name!r}")

@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from pipeline import storage
 from pipeline.errors import UserError
+from pipeline.train import ema as ema_mod
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 COMPLETE = "complete.json"
@@ -131,6 +132,7 @@ class CheckpointManager:
     def save(self, engine, step: int, client_state: dict[str, Any], *, config_hash: str, world_size: int,
              tag: str | None = None, mark_latest: bool = True, ema=None) -> Path:
         """Collective: every rank must call it. ``ema``: a ShardedEma, saved beside the weights."""
+        # lazy: DeepSpeed picks its accelerator on import, so only after setup_distributed set DS_ACCELERATOR
         from deepspeed.checkpoint.constants import (
             UNIVERSAL_CHECKPOINT_INFO,
             UNIVERSAL_CHECKPOINT_VERSION_KEY,
@@ -336,8 +338,6 @@ def _hyperparameters(engine) -> list[dict]:
 
 def convert_to_universal(step_dir: Path) -> Path:
     """``{step_dir}/universal`` from DeepSpeed's ``ds_to_universal`` (plus the EMA's per-parameter files)."""
-    from pipeline.train import ema as ema_mod
-
     out = step_dir / UNIVERSAL
     tmp = step_dir / f".{UNIVERSAL}.tmp-{os.getpid()}"
     src = step_dir / f".{UNIVERSAL}.src-{os.getpid()}"

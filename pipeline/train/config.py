@@ -26,7 +26,9 @@ import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from pipeline.artifacts import SPLIT_INDEX, Manifest, ManifestNotFound, read_manifest
+import coatnet
+from pipeline import storage
+from pipeline.artifacts import SPLIT_INDEX, Manifest, ManifestNotFound, read_manifest, resolve_root
 from pipeline.errors import UserError
 from pipeline.train.known_datasets import KNOWN_DATASETS
 
@@ -446,8 +448,6 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
 @functools.lru_cache(maxsize=64)
 def dataset_root(root: str) -> str:
     """The dataset root: ``root`` itself, or the one its ``LATEST`` pointer names (sharding output dir)."""
-    from pipeline.data.manifest import resolve_root
-
     try:
         return resolve_root(root)
     except FileNotFoundError as e:
@@ -457,15 +457,11 @@ def dataset_root(root: str) -> str:
 
 
 def split_uri(cfg: TrainConfig, split: str) -> str:
-    from pipeline import storage
-
     return storage.join(dataset_root(cfg.data.root), split)
 
 
 def split_samples(cfg: TrainConfig, split: str) -> int:
     """Samples in a split, from its MDS index (the file streaming itself reads)."""
-    from pipeline import storage
-
     index_uri = storage.join(split_uri(cfg, split), SPLIT_INDEX)
     try:
         index = json.loads(storage.read_text(index_uri))
@@ -590,12 +586,10 @@ def make_plan(cfg: TrainConfig, world_size: int, *, with_counts: bool = True,
 def model_counts(cfg: TrainConfig, num_classes: int) -> tuple[int | None, int | None]:
     """(parameters, MACs per image) from the model package's analytic counter."""
     try:
-        import coatnet
-
         conf = coatnet.get_config(cfg.model.name)
         if cfg.model.overrides:
             conf = conf.replace(**cfg.model.overrides)
         p, m = coatnet.count(conf, cfg.model.img_size, num_classes=num_classes)
         return int(p), int(m)
-    except (ImportError, AttributeError):  # the model package without its counter
+    except AttributeError:  # a model package without its counter
         return None, None

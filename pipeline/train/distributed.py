@@ -49,7 +49,7 @@ class DistContext:
     def progress(self, *, total: int, initial: int, enabled: bool):
         if self.rank != 0 or not enabled:
             return _NoBar()
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # lazy: rank 0 only
 
         return tqdm(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True)
 
@@ -91,6 +91,7 @@ def setup_distributed() -> DistContext:
     if not dist.is_initialized() and "RANK" not in os.environ:  # a plain `python` process: a world of one
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    # lazy: DeepSpeed picks its accelerator on import, so only after setup_distributed set DS_ACCELERATOR
     import deepspeed
 
     # Adopts a process group created by someone else (Ray Train) or creates it from the env.

@@ -74,7 +74,7 @@ def credential_warnings(uris: dict[str, str | None]) -> list[str]:
     remote = {k: v for k, v in uris.items() if v and storage.is_remote(v)}
     if not remote:
         return []
-    import boto3  # only when the recipe reaches an object store
+    import boto3  # lazy: only when the recipe reaches an object store
 
     if boto3.session.Session().get_credentials() is not None:
         return []

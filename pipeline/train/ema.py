@@ -103,6 +103,7 @@ class ShardedEma:
     # -- checkpoint layout (DeepSpeed's, see the module docstring) --------------------------------------
     def save(self, step_dir: str | Path) -> Path:
         """Every rank writes its partition into ``{step_dir}/ema``; call after ``engine.save_checkpoint``."""
+        # lazy: DeepSpeed picks its accelerator on import, so only after setup_distributed set DS_ACCELERATOR
         from deepspeed.checkpoint.constants import (
             DS_VERSION,
             FP32_FLAT_GROUPS,
@@ -112,6 +113,8 @@ class ShardedEma:
             SINGLE_PARTITION_OF_FP32_GROUPS,
             ZERO_STAGE,
         )
+
+        # lazy: DeepSpeed picks its accelerator on import, so only after setup_distributed set DS_ACCELERATOR
         from deepspeed.git_version_info import version
 
         out = Path(step_dir, EMA_DIR)
@@ -141,6 +144,7 @@ class ShardedEma:
     @torch.no_grad()
     def load(self, step_dir: str | Path) -> None:
         """This rank's partition from ``{step_dir}/ema`` (written by the same world size)."""
+        # lazy: DeepSpeed picks its accelerator on import, so only after setup_distributed set DS_ACCELERATOR
         from deepspeed.checkpoint.constants import (
             FP32_FLAT_GROUPS,
             OPTIMIZER_STATE_DICT,
@@ -168,6 +172,7 @@ class ShardedEma:
     def load_universal(self, universal_dir: str | Path) -> None:
         """This rank's partition, cut from the full per-parameter tensors of a universal checkpoint
         (``write_universal``), one parameter at a time."""
+        # lazy: DeepSpeed picks its accelerator on import, so only after setup_distributed set DS_ACCELERATOR
         from deepspeed.checkpoint.constants import PARAM
 
         universal_dir = Path(universal_dir)
@@ -218,6 +223,7 @@ def _as_list(x) -> list:
 
 def _write_model_states_metadata(step_dir: Path, out: Path, stage: int) -> None:
     """DeepSpeed's model-states file of rank 0 without its weights: what zero_to_fp32 needs (shapes, buffers)."""
+    # lazy: DeepSpeed picks its accelerator on import, so only after setup_distributed set DS_ACCELERATOR
     from deepspeed.checkpoint.constants import BUFFER_NAMES
 
     name = "mp_rank_00_model_states.pt" if stage <= 2 else "zero_pp_rank_0_mp_rank_00_model_states.pt"
@@ -238,6 +244,7 @@ def write_universal(step_dir: str | Path, universal_dir: str | Path) -> None:
 
     DeepSpeed's zero_to_fp32 reads the EMA shards (lazily under ZeRO-3: one parameter in memory at a time).
     """
+    # lazy: DeepSpeed picks its accelerator on import, so only after setup_distributed set DS_ACCELERATOR
     from deepspeed.checkpoint.constants import PARAM
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -263,6 +270,7 @@ def consolidate_ema(step_dir: str | Path) -> dict[str, torch.Tensor]:
         state = torch.load(d / _FULL_STATE, map_location="cpu", weights_only=False)["state"]
         buffers = _stage0_buffers(step_dir)
         return {**buffers, **{k: v.float().contiguous() for k, v in state.items()}}
+    # lazy: DeepSpeed picks its accelerator on import, so only after setup_distributed set DS_ACCELERATOR
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     sd = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=EMA_DIR)
@@ -271,6 +279,7 @@ def consolidate_ema(step_dir: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _stage0_buffers(step_dir: Path) -> dict[str, torch.Tensor]:
+    # lazy: DeepSpeed picks its accelerator on import, so only after setup_distributed set DS_ACCELERATOR
     from deepspeed.checkpoint.constants import BUFFER_NAMES
 
     f = step_dir / "mp_rank_00_model_states.pt"

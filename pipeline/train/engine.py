@@ -15,11 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
+import coatnet
+from coatnet.adapt import adapt_state_dict, strip_wrapper_prefix
+from pipeline import storage
 from pipeline.artifacts import RunDir
 from pipeline.train.config import Plan, TrainConfig
 from pipeline.train.optim import lr_scheduler_factory, param_groups
@@ -82,8 +89,6 @@ def build_model(cfg: TrainConfig, plan: Plan) -> nn.Module:
 
     Seed the global RNG first: every rank draws the same initial weights.
     """
-    import coatnet
-
     m = cfg.model
     with _construction(cfg, plan):
         model = coatnet.create_model(m.name, num_classes=plan.num_classes, img_size=m.img_size,
@@ -98,6 +103,7 @@ def build_model(cfg: TrainConfig, plan: Plan) -> nn.Module:
 def _construction(cfg: TrainConfig, plan: Plan):
     if not partitioned(cfg):
         return contextlib.nullcontext()
+    # lazy: DeepSpeed picks its accelerator on import, so only after setup_distributed set DS_ACCELERATOR
     import deepspeed
 
     # The engine's own config: same dtype, same parameter offload (partitions straight to host memory).
@@ -110,11 +116,6 @@ def load_init_weights(model: nn.Module, uri: str) -> None:
     A ZeRO-3 model is loaded one module at a time: its parameters are gathered, rank 0 copies the
     file's tensors in (read lazily, one tensor at a time) and DeepSpeed re-partitions them from rank 0.
     """
-    import tempfile
-    from pathlib import Path
-
-    from pipeline import storage
-
     if storage.is_remote(uri):
         with tempfile.TemporaryDirectory() as tmp:
             local = storage.download_file(uri, Path(tmp, RunDir.INIT_WEIGHTS))
@@ -124,9 +125,6 @@ def load_init_weights(model: nn.Module, uri: str) -> None:
 
 
 def _load_init_file(model: nn.Module, path: str, uri: str) -> None:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     if not any(hasattr(p, "ds_id") for p in model.parameters()):
         try:
             model.load_state_dict(load_file(path), strict=True)
@@ -139,10 +137,9 @@ def _load_init_file(model: nn.Module, path: str, uri: str) -> None:
 
 @torch.no_grad()
 def _load_partitioned(model: nn.Module, f, uri: str) -> None:
+    # lazy: DeepSpeed picks its accelerator on import, so only after setup_distributed set DS_ACCELERATOR
     import deepspeed
     import torch.distributed as dist
-
-    from coatnet.adapt import adapt_state_dict, strip_wrapper_prefix
 
     names = strip_wrapper_prefix({k: k for k in f.keys()})  # our name -> the file's name
     expected = set(model.state_dict(keep_vars=True))  # keep_vars: no gather, names only
@@ -176,6 +173,7 @@ def _load_partitioned(model: nn.Module, f, uri: str) -> None:
 
 def initialize(model: nn.Module, cfg: TrainConfig, plan: Plan, *, load_universal: bool = False):
     """The DeepSpeed engine; ``load_universal``: the run resumes from a universal checkpoint (another world size)."""
+    # lazy: DeepSpeed picks its accelerator on import, so only after setup_distributed set DS_ACCELERATOR
     import deepspeed
 
     config = ds_config(cfg, plan)

@@ -19,6 +19,7 @@ from pipeline.train.ema import consolidate_ema
 
 def consolidate(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     """One fp32 state dict from a checkpoint directory ``.../step_XXXXXXXX`` written by any number of ranks."""
+    # lazy: DeepSpeed picks its accelerator on import, so only after setup_distributed set DS_ACCELERATOR
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     checkpoint_dir = Path(checkpoint_dir)

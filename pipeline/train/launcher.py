@@ -18,13 +18,18 @@ import time
 import uuid
 from pathlib import Path
 
+import torch
+
 from pipeline import storage
 from pipeline.artifacts import RunDir, TrainResult
 from pipeline.errors import UserError
+from pipeline.launch_options import LAUNCHERS, RayOptions
 from pipeline.tracking import resolve_tracking_uri
 from pipeline.train.config import (
     ConfigError,
     TrainConfig,
+    apply_overrides,
+    batch_split,
     check_canonical_nodes,
     check_shards,
     dataset_root,
@@ -33,7 +38,9 @@ from pipeline.train.config import (
     make_plan,
     node_count_problem,
 )
-from pipeline.train.launch_options import LAUNCHERS, RayOptions
+from pipeline.train.data import streaming_env
+from pipeline.train.distributed import free_port
+from pipeline.train.trainer import run
 
 # Variables a rank needs from the launching environment when it is not a child process (Ray workers);
 # COATNET_CALLBACKS names the loop's callbacks (tests inject faults through it: pipeline/train/faults.py).
@@ -57,8 +64,6 @@ def resolve(config_or_path: TrainConfig | str | os.PathLike, overrides=(), *, ch
 
 
 def _apply(cfg: TrainConfig, overrides) -> dict:
-    from pipeline.train.config import apply_overrides
-
     return apply_overrides(cfg.to_dict(), list(overrides))
 
 
@@ -125,19 +130,12 @@ def _child_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            env.setdefault("DS_ACCELERATOR", "cpu")
-    except ImportError:
-        pass
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
     return env
 
 
 def _launch_processes(launcher: str, nproc: int, args: list[str], out: Path, timeout_s: float | None) -> None:
-    from pipeline.train.distributed import free_port
-
     run = RunDir(str(out))
     logs = run.local(RunDir.LOGS)
     logs.mkdir(exist_ok=True)
@@ -209,10 +207,7 @@ def _tee(stream, log) -> None:
 # Ray Train.
 
 def _ray_train_fn(loop_config: dict) -> None:
-    import ray.train
-
-    from pipeline.train.data import streaming_env
-    from pipeline.train.trainer import run
+    import ray.train  # lazy: Ray only for the ray launcher
 
     os.environ.update(loop_config["env"])
     ctx = ray.train.get_context()
@@ -233,8 +228,6 @@ def _check_elastic(cfg: TrainConfig, min_workers: int, world: int, workers_per_n
     streaming (``data.num_canonical_nodes``); name the sizes in between that cannot split the batch."""
     if not 1 <= min_workers <= world:
         raise ConfigError(f"min_workers: {min_workers} must be between 1 and the {world} workers")
-    from pipeline.train.config import batch_split
-
     batch_split(cfg, min_workers)
     if min_workers < world:
         # Ray Train restarts on whatever fits the free resources, any size in (min, max), packed onto nodes: a
@@ -265,6 +258,7 @@ def _check_elastic(cfg: TrainConfig, min_workers: int, world: int, workers_per_n
 
 
 def _launch_ray(cfg: TrainConfig, world: int, resume: str, force: bool, opts: RayOptions) -> None:
+    # lazy: Ray (seconds to import) only for the ray launcher
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -307,8 +301,6 @@ def _launch_ray(cfg: TrainConfig, world: int, resume: str, force: bool, opts: Ra
 # Per-rank entry point of the process launchers.
 
 def _worker_main(argv: list[str] | None = None) -> int:
-    from pipeline.train.trainer import run
-
     p = argparse.ArgumentParser(prog="python -m pipeline.train.launcher")
     p.add_argument("config")
     p.add_argument("--resume", default="auto")

@@ -90,7 +90,7 @@ class MetricsSink:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
         if mlflow_cfg.mlflow:
-            import mlflow
+            import mlflow  # lazy: MLflow is slow to import and off in many runs; only rank 0 logs
 
             mlflow.set_tracking_uri(resolve_tracking_uri(mlflow_cfg.mlflow_tracking_uri))
             mlflow.set_experiment(mlflow_cfg.mlflow_experiment)
@@ -135,10 +135,11 @@ class MetricsSink:
         rows = self.history()
         if not rows:
             return None
+        # lazy: matplotlib only for the curve at the end, with the Agg backend chosen before pyplot loads
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # lazy: once the backend is chosen
 
         panels = [("loss", "train loss"), ("lr", "learning rate"), ("eval_top1", "eval top-1"),
                   ("images_per_s", "images/s")]

@@ -11,6 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlparse
 
+from pipeline import storage
+from pipeline.data import verify_shards
+
 
 class FaultyProxy:
     """An HTTP proxy in front of the S3 server that fails every ``fail_every``-th request with a 503
@@ -143,8 +146,6 @@ def read_split(root: str, split: str, tmp_path) -> list[dict]:
     from streaming import StreamingDataset
     from streaming.base.util import clean_stale_shared_memory
 
-    from pipeline import storage
-
     clean_stale_shared_memory()
     ds = StreamingDataset(remote=storage.join(root, split), local=str(tmp_path / f"cache-{split}-{os.urandom(4).hex()}"),
                           shuffle=False, batch_size=1)
@@ -170,8 +171,6 @@ def all_keys(res, tmp_path) -> list[str]:
 
 def check_accounting(res, raw: dict, tmp_path) -> None:
     """Every image of the ``in21k_bucket`` release is accounted for, once: written + quarantined + duplicates = listed."""
-    from pipeline.data import verify_shards
-
     m = res.manifest
     expected = raw["expected"]
     inputs = m["inputs"]

@@ -7,6 +7,7 @@ import tarfile
 import pytest
 from shard_helpers import read_split, write_image
 
+from pipeline import storage
 from pipeline.data import digits, shard_dataset, synsets
 from pipeline.data.config import ShardConfig
 from pipeline.data.plan import make_plan
@@ -168,8 +169,6 @@ def test_write_digits_image_folder_round_trips_through_imagefolder(tmp_path):
 
 
 def test_a_bucket_listing_reads_every_page(in21k_bucket):
-    from pipeline import storage
-
     root = in21k_bucket["source"].split(":", 1)[1]
     whole = storage.list_dir(root)
     assert len(whole.files) == 17 and len(whole.dirs) == 1  # 16 tars + the unknown synset's; one synset folder

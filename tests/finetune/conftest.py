@@ -19,6 +19,12 @@ from pathlib import Path
 import pytest
 from ft_helpers import COMMON, PRETRAIN_SHORT, REPO, finetune_overrides, free_port
 
+from pipeline.data import shard_dataset
+from pipeline.evaluate import evaluate
+from pipeline.finetune import run
+from pipeline.registry import register
+from pipeline.train import launch
+
 
 def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
@@ -81,8 +87,6 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The demo's two label spaces, sharded once per session: digits21k (pretraining) and digits."""
-    from pipeline.data import shard_dataset
-
     root = tmp_path_factory.mktemp("shards")
     return {
         name: shard_dataset(name, str(root / name), executor="local", progress=False).uri
@@ -93,8 +97,6 @@ def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def demo_pretrained(demo_shards: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo pretraining recipe, shortened, on 2 CPU ranks through the trainer (a real ZeRO-2 checkpoint)."""
-    from pipeline.train import launch
-
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     out = tmp_path_factory.mktemp("pretrain")
     overrides = [*COMMON, f"data.root={demo_shards['digits21k']}", f"output_dir={out}", "logging.mlflow=false",
@@ -107,8 +109,6 @@ def demo_pretrained(demo_shards: dict[str, str], tmp_path_factory: pytest.TempPa
 @pytest.fixture(scope="session")
 def finetuned(demo_shards, demo_pretrained, mlflow_server, tmp_path_factory):
     """The demo fine-tuning recipe (shortened) from ``demo_pretrained``, logged to the test server."""
-    from pipeline.finetune import run
-
     out = tmp_path_factory.mktemp("finetune")
     return run(REPO / "configs/finetune/demo.yaml", finetune_overrides(demo_shards, demo_pretrained, out),
                launcher="local", nproc=2)
@@ -117,8 +117,6 @@ def finetuned(demo_shards, demo_pretrained, mlflow_server, tmp_path_factory):
 @pytest.fixture(scope="session")
 def evaluated(finetuned, demo_shards):
     """``finetuned`` evaluated on the digits' val split, logged into the fine-tuning run itself."""
-    from pipeline.evaluate import evaluate
-
     return evaluate(finetuned.output_dir, demo_shards["digits"], split="val", num_workers=0, progress=False,
                     mlflow_run_id=finetuned.train.mlflow_run_id)
 
@@ -126,6 +124,4 @@ def evaluated(finetuned, demo_shards):
 @pytest.fixture(scope="session")
 def registered(finetuned, evaluated):
     """``finetuned`` registered by the pipeline from ``evaluated`` (the first version: the champion)."""
-    from pipeline.registry import register
-
     return register(finetuned.output_dir, evaluated)

@@ -10,6 +10,8 @@ import torch
 from ft_helpers import REPO
 from safetensors.torch import save_file
 
+import coatnet
+from pipeline.cli import main
 from pipeline.finetune import CheckpointNotFound, consolidate, load_finetune_config, prepare_init_weights
 from pipeline.finetune.config import from_mapping
 from pipeline.train.config import ConfigError
@@ -73,8 +75,6 @@ def _dataset(root: Path, classes: list[str], **extra) -> str:
 
 
 def _weights(path: Path, name: str, num_classes: int) -> str:
-    import coatnet
-
     m = coatnet.create_model(name, num_classes=num_classes, img_size=32)
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
     return str(path)
@@ -103,8 +103,6 @@ def test_a_checkpoint_of_another_variant_is_rejected_before_training(tmp_path):
 def test_prepare_from_a_weights_file_maps_rows_and_loads_at_the_new_resolution(tmp_path):
     from safetensors.torch import load_file
 
-    import coatnet
-
     target = _dataset(tmp_path / "digits", [str(d) for d in range(10)])
     source = _dataset(tmp_path / "d21k", [f"{d}_r{k}" for d in range(10) for k in (0, 90)],
                       parent_map=[i // 2 for i in range(20)], parent_classes=[str(d) for d in range(10)])
@@ -128,8 +126,6 @@ def test_consolidate_rejects_what_is_not_a_checkpoint(tmp_path):
 
 def test_dry_run_before_pretraining_and_without_credentials(monkeypatch, tmp_path, capsys):
     """`coatnet finetune --dry-run` of a paper row whose pretraining has not run: the plan, and warnings."""
-    from pipeline.cli import main
-
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "S3_ENDPOINT_URL"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))

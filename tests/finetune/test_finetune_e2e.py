@@ -16,9 +16,13 @@ import torch
 from ft_helpers import REPO, finetune_overrides
 from safetensors.torch import load_file
 
+from pipeline import storage
+from pipeline.cli import main
+from pipeline.data import resolve_root
 from pipeline.evaluate import Preprocessing, build_model, evaluate, load_run
-from pipeline.finetune import consolidate
+from pipeline.finetune import consolidate, load_finetune_config
 from pipeline.registry import CANDIDATE, CHAMPION
+from pipeline.train import launch
 
 pytestmark = [pytest.mark.slow]
 
@@ -34,8 +38,6 @@ def _printed_json(capsys) -> dict:
 
 def _val_images(shards: dict[str, str], pre: Preprocessing) -> tuple[list[str], torch.Tensor]:
     from streaming import StreamingDataset
-
-    from pipeline.data import resolve_root
 
     ds = StreamingDataset(local=str(Path(resolve_root(shards["digits"]), "val")), shuffle=False, batch_size=64)
     rows = [ds[i] for i in range(len(ds))]
@@ -60,7 +62,6 @@ def test_finetune_runs_through_the_trainer_at_a_higher_resolution(finetuned, dem
     # The same trainer's MLflow run, on the test server.
     assert t.mlflow_run_id and mlflow.MlflowClient().get_run(t.mlflow_run_id)
     # A rerun with the same recipe reuses the prepared weights instead of consolidating again (CLI dry run).
-    from pipeline.cli import main
 
     rc = main(["finetune", "--config", str(REPO / "configs/finetune/demo.yaml"), "--dry-run", "--json",
                *finetune_overrides(demo_shards, demo_pretrained, Path(finetuned.output_dir))])
@@ -117,7 +118,6 @@ def test_evaluate_register_load_by_alias_predicts_what_evaluation_saw(finetuned,
     assert meta.metadata["preprocessing"]["img_size"] == 48 and not meta.metadata["preprocessing"]["center_crop"]
 
     # The same command evaluates the registered model again and sees the same top-1.
-    from pipeline.cli import main
 
     rc = main(["evaluate", "--model", f"models:/{reg.name}@{CHAMPION}", "--data", demo_shards["digits"],
                "--out", str(tmp_path / "again"), "--no-mlflow", "--workers", "0"])
@@ -130,9 +130,6 @@ def test_evaluate_register_load_by_alias_predicts_what_evaluation_saw(finetuned,
 @pytest.mark.timeout(600)
 def test_pretrained_beats_scratch_and_the_gate_keeps_the_worse_model_out(
         finetuned, evaluated, registered, demo_shards, mlflow_server, tmp_path, capsys):
-    from pipeline.finetune import load_finetune_config
-    from pipeline.train import launch
-
     # The same recipe, same steps, from a random initialisation (no init_weights) through the same trainer.
     # (The trainer takes its tracking URI from the recipe, not from MLFLOW_TRACKING_URI: point it at the server.)
     cfg = load_finetune_config(REPO / "configs/finetune/demo.yaml",
@@ -147,7 +144,6 @@ def test_pretrained_beats_scratch_and_the_gate_keeps_the_worse_model_out(
     assert ours > theirs + 0.05, (ours, theirs)
 
     # Registering the worse model: candidate moves to it, champion stays.
-    from pipeline.cli import main
 
     rc = main(["register", "--model", scratch.output_dir, "--json"])  # its eval/val/evaluation.json by default
     worse = _printed_json(capsys)
@@ -162,8 +158,6 @@ def test_pretrained_beats_scratch_and_the_gate_keeps_the_worse_model_out(
 
 @pytest.mark.timeout(300)
 def test_consolidate_a_checkpoint_from_object_storage(demo_pretrained, s3_bucket, tmp_path):
-    from pipeline import storage
-
     storage.reset_clients()  # the S3 fixture set the endpoint and credentials
     storage.upload_dir(demo_pretrained / "checkpoints", f"{s3_bucket}/pretrain/checkpoints")
     local = load_file(str(consolidate(demo_pretrained, tmp_path / "local.safetensors")))

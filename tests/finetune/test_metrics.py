@@ -9,7 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.evaluate import MetricAccumulator, Preprocessing
+import coatnet
+from pipeline.evaluate import MetricAccumulator, Preprocessing, load_run
+from pipeline.train.config import AugmentConfig, EvalConfig, from_dict
+from pipeline.train.transforms import eval_transform
 
 
 def test_metrics_match_a_direct_computation():
@@ -53,9 +56,6 @@ def test_perfect_and_empty():
 
 @pytest.mark.parametrize("center_crop", [False, True])
 def test_preprocessing_equals_the_trainers_eval_transform(center_crop):
-    from pipeline.train.config import AugmentConfig, EvalConfig
-    from pipeline.train.transforms import eval_transform
-
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8))
     buf = io.BytesIO()
@@ -75,10 +75,6 @@ def test_a_run_directory_brings_its_preprocessing(tmp_path):
     import json
 
     from safetensors.torch import save_file
-
-    import coatnet
-    from pipeline.evaluate import load_run
-    from pipeline.train.config import from_dict
 
     model = coatnet.create_model("coatnet_pico", num_classes=10, img_size=32)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))

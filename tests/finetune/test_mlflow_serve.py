@@ -24,6 +24,7 @@ import torch
 from ft_helpers import free_port
 
 from pipeline.cli import main
+from pipeline.data import resolve_root
 from pipeline.evaluate import Preprocessing
 from pipeline.registry import CHAMPION
 
@@ -32,8 +33,6 @@ pytestmark = [pytest.mark.slow]
 
 def _images(shards: dict[str, str], pre: Preprocessing, keys: list[str]) -> np.ndarray:
     from streaming import StreamingDataset
-
-    from pipeline.data import resolve_root
 
     ds = StreamingDataset(local=str(Path(resolve_root(shards["digits"]), "val")), shuffle=False, batch_size=8)
     by_key = {}

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 import pytest
 from flow_helpers import REPO
 
+from pipeline.storage import s3_client
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _repo_cwd() -> Iterator[None]:
@@ -40,8 +42,6 @@ def prefect_harness() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def flow_store(s3_endpoint: str) -> str:
-    from pipeline.storage import s3_client
-
     name = f"flows-{uuid.uuid4().hex[:10]}"
     s3_client().create_bucket(Bucket=name)
     return f"s3://{name}"

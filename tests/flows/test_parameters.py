@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from flows.params import TrainingTarget
 from flows.pretrain import pretrain_coatnet
 from pipeline import storage
+from pipeline.cli import build_parser
+from pipeline.launch_options import LaunchOptions, RayOptions, RayTrainOptions, from_arguments
 
 
 def _task_runs(flow_run_id) -> list:
@@ -76,10 +79,6 @@ def _exception(state):
 
 def test_launch_options_are_defined_once():
     """The CLI flags, the flows' `training` parameter and Ray Train's options come from one definition."""
-    from flows.params import TrainingTarget
-    from pipeline.cli import build_parser
-    from pipeline.train.launch_options import LaunchOptions, RayOptions, RayTrainOptions, from_arguments
-
     def parse(*flags: str):
         return build_parser().parse_args(["pretrain", "--config", "x.yaml", *flags])
 

@@ -11,8 +11,9 @@ import threading
 import time
 
 import pytest
-from flow_helpers import REPO, free_port
+from flow_helpers import REPO, TINY_FINETUNE, TINY_PRETRAIN, free_port
 
+from flows.pretrain import pretrain_coatnet
 from flows.ray_jobs import RayJobError, RayJobSpec, run_ray_job
 
 
@@ -105,10 +106,6 @@ def test_running_job_of_the_same_stage_is_reattached(ray_jobs_address):
 def test_flow_in_cluster_mode(ray_jobs_address, prefect_harness, flow_store, flow_tracking_uri, tmp_path):
     """pretrain-coatnet with training submitted as Ray jobs (Ray Train inside) to a local cluster: the jobs
     read the shards from S3, leave their outputs there, and the flow evaluates and registers them here."""
-    from flow_helpers import TINY_FINETUNE, TINY_PRETRAIN
-
-    from flows.pretrain import pretrain_coatnet
-
     creds = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     # The cluster is this machine: the checkout is reached through PYTHONPATH and absolute recipe paths
     # rather than uploaded as the job's working_dir (as a remote cluster would need).

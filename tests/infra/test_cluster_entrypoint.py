@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pipeline.cli import build_parser
 from pipeline.cluster.entrypoint import APP_DIR
+from pipeline.train.config import batch_split, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,8 +38,6 @@ def test_rayjob_entrypoint_parses_with_the_cli(rendered):
 
 
 def test_overrides_are_valid_recipe_keys_and_give_the_specs_batch_split(rendered):
-    from pipeline.train.config import batch_split, load_config
-
     s = rendered.spec_json
     args = build_parser().parse_args(_entrypoint_argv(rendered))
     overrides = [a for a in _entrypoint_argv(rendered) if "=" in a and not a.startswith("-")]

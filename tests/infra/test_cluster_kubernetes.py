@@ -8,7 +8,9 @@ import pytest
 from streaming.base.util import bytes_to_int
 
 from pipeline.cluster import ManifestError, validate_manifest
+from pipeline.cluster.entrypoint import mlflow_tracking_uri
 from pipeline.cluster.instances import GiB, get_instance
+from pipeline.cluster.spec import ClusterSpec
 
 
 def _all_docs(rendered) -> list[dict]:
@@ -127,9 +129,6 @@ def test_mlflow_arguments_parse_with_mlflows_own_cli(rendered):
     assert ctx.params["artifacts_destination"] == f"s3://{rendered.spec_json['bucket']}/mlflow"
     # The tracking URI the jobs use passes MLflow's own Host-header guard; a foreign host does not.
     from mlflow.server.security_utils import is_allowed_host_header
-
-    from pipeline.cluster.entrypoint import mlflow_tracking_uri
-    from pipeline.cluster.spec import ClusterSpec
 
     allowed = ctx.params["allowed_hosts"].split(",")
     host = mlflow_tracking_uri(ClusterSpec(nodes=1, gpus_per_node=1, model="x", namespace=rendered.spec_json["namespace"]))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli import main
 from pipeline.cluster import sizing
 from pipeline.cluster.instances import GiB, get_instance
 
@@ -45,8 +46,6 @@ def test_table_rows_fit_memory_and_batch():
 
 
 def test_cli_prints_the_tables(capsys):
-    from pipeline.cli import main
-
     assert main(["cluster", "sizing"]) == 0
     want = sizing.format_table(sizing.sizing_table()) + "\n\n" + sizing.format_zero_table(sizing.zero_plans())
     assert capsys.readouterr().out.strip() == want.strip()

@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 
 from pipeline import storage
+from pipeline.data import shard_dataset
 
 
 @pytest.fixture(scope="session")
 def digits_shards(s3_endpoint: str, tmp_path_factory) -> str:
     """digits21k (2 rotations: 20 classes) sharded once per session into a bucket on the local S3 server."""
-    from pipeline.data import shard_dataset
-
     storage.reset_clients()
     bucket = f"train-{uuid.uuid4().hex[:10]}"
     storage.s3_client().create_bucket(Bucket=bucket)

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from pipeline.launch_options import RayOptions
 from pipeline.train.config import ConfigError, check_canonical_nodes, load_config, node_count_problem
-from pipeline.train.launch_options import RayOptions
 from pipeline.train.launcher import _check_elastic, launch
 from pipeline.train.trainer import check_nodes
 

@@ -13,10 +13,21 @@ import torch.nn.functional as F
 from PIL import Image
 
 import coatnet
+from pipeline.cli import build_parser, main
 from pipeline.train.checkpoint import COMPLETE, CheckpointManager, ResumeError
-from pipeline.train.config import AugmentConfig, EvalConfig, OptimConfig, RandAugmentConfig, ScheduleConfig
+from pipeline.train.config import (
+    AugmentConfig,
+    EvalConfig,
+    LoggingConfig,
+    OptimConfig,
+    RandAugmentConfig,
+    ScheduleConfig,
+    dataset_root,
+)
 from pipeline.train.loss import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
+from pipeline.train.metrics import MetricsSink
 from pipeline.train.optim import lr_at, param_groups
+from pipeline.train.streaming_shm import registered_prefixes, release_stale_shared_memory
 from pipeline.train.transforms import eval_transform, train_transform
 
 
@@ -122,8 +133,6 @@ def test_resume_picks_newest_complete_and_refuses_other_recipes(tmp_path):
 
 
 def test_cli_flags_parse_for_every_launcher():
-    from pipeline.cli import build_parser
-
     args = build_parser().parse_args([
         "pretrain", "--config", "configs/pretrain/demo.yaml", "train.epochs=2", "deepspeed.zero_stage=3",
         "--resume", "none", "--launcher", "ray", "--nproc", "2", "--num-workers", "4", "--gpus-per-worker", "1",
@@ -138,8 +147,6 @@ def test_cli_flags_parse_for_every_launcher():
 
 
 def test_cli_dry_run_prints_the_plan(digits_shards, capsys):
-    from pipeline.cli import main
-
     rc = main(["pretrain", "--config", "configs/pretrain/demo.yaml", f"data.root={digits_shards}", "--nproc", "2",
                "--dry-run", "--json"])
     assert rc == 0
@@ -165,9 +172,6 @@ def test_stale_shared_memory_of_a_crashed_run_is_released(digits_shards, tmp_pat
 
     from streaming import StreamingDataset
 
-    from pipeline.train.config import dataset_root
-    from pipeline.train.streaming_shm import registered_prefixes, release_stale_shared_memory
-
     remote, local = dataset_root(digits_shards) + "/minival", str(tmp_path / "cache-minival")
     # A process killed hard (SIGKILL to its whole group: it and its resource tracker, as the OOM killer
     # or a lost worker would) leaves its shared memory behind.
@@ -191,9 +195,6 @@ def test_stale_shared_memory_of_a_crashed_run_is_released(digits_shards, tmp_pat
 
 def test_metrics_sink_follows_the_tracking_env_and_logs_no_credentials(tmp_path, monkeypatch):
     import mlflow
-
-    from pipeline.train.config import LoggingConfig
-    from pipeline.train.metrics import MetricsSink
 
     db = f"sqlite:///{tmp_path / 'env.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", db)  # the recipe leaves the URI unset: the environment decides

@@ -18,8 +18,12 @@ from train_helpers import tiny
 
 from pipeline.artifacts import Manifest, read_manifest
 from pipeline.data.manifest import is_kept, load_manifest, masked_indices
+from pipeline.train import launch
+from pipeline.train.config import load_config, make_plan
+from pipeline.train.data import build_eval_loader, build_train_loader
 from pipeline.train.loss import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 from pipeline.train.step import TrainStep
+from pipeline.train.streaming_shm import dataset_prefix, release_deleted_dataset
 
 
 def _masked_keys(root: str, split: str) -> set[str]:
@@ -125,8 +129,6 @@ def test_with_nothing_masked_a_step_is_the_plain_mean():
 
 
 def _loader_config(root: str, out: Path):
-    from pipeline.train.config import load_config, make_plan
-
     recipe = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "demo.yaml"
     cfg = load_config(recipe, [f"data.root={root}", f"output_dir={out}", "data.num_workers=0",
                                "data.clean_stale_shared_memory=false", "model.img_size=32",
@@ -136,8 +138,6 @@ def _loader_config(root: str, out: Path):
 
 
 def test_the_loaders_flag_exactly_the_masked_samples_and_keep_the_shapes(masked_shards, tmp_path):
-    from pipeline.train.data import build_eval_loader, build_train_loader
-    from pipeline.train.streaming_shm import dataset_prefix, release_deleted_dataset
 
     cfg, plan = _loader_config(masked_shards, tmp_path)
     manifest = read_manifest(masked_shards)
@@ -186,8 +186,6 @@ def _recorded_keys(out: Path) -> list[str]:
 @pytest.mark.timeout(900)
 def test_training_on_masked_samples_counts_kept_ones_and_resumes_on_another_world_size(masked_shards, recipe,
                                                                                      tmp_path):
-    from pipeline.train import launch
-
     ref = launch(recipe, tiny(masked_shards, tmp_path / "ref", *MASKED_RUN), launcher="local", nproc=2)
     out = tmp_path / "resumed"
     mine = tiny(masked_shards, out, *MASKED_RUN)

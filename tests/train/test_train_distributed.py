@@ -12,8 +12,11 @@ from safetensors.torch import load_file
 from train_helpers import tiny
 
 import coatnet
+from pipeline import storage
+from pipeline.data import load_manifest
 from pipeline.train import LaunchError, launch
 from pipeline.train.export import consolidate
+from pipeline.train.launcher import RayOptions
 
 pytestmark = [pytest.mark.slow]
 
@@ -78,7 +81,6 @@ def test_zero2_two_ranks_from_s3_trains_checkpoints_and_exports(digits_shards, r
     # Metrics: throughput, FLOPs, data wait, eval, a curve, and the MLflow run.
     m = result.final_metrics
     assert m["images_per_s"] > 0 and m["tflops"] > 0 and 0 <= m["data_wait_frac"] <= 1
-    from pipeline.data import load_manifest
 
     minival = load_manifest(digits_shards)["splits"]["minival"]["samples"]
     # Each sample once, although streaming pads the ranks' partitions with repeats.
@@ -90,7 +92,6 @@ def test_zero2_two_ranks_from_s3_trains_checkpoints_and_exports(digits_shards, r
     assert run.data.metrics["loss"] == pytest.approx(last, rel=1e-6)
     assert run.info.status == "FINISHED"
     # The object-storage copy holds the same complete checkpoint.
-    from pipeline import storage
 
     remote = digits_shards.rsplit("/", 2)[0] + "/ckpt-z2"
     assert storage.read_text(storage.join(remote, "latest")) == "step_00000024"
@@ -157,7 +158,6 @@ def test_ray_train_launcher_restarts_a_lost_worker_and_matches_reference(referen
     recipe, overrides, ref = reference_run
     out = tmp_path / "run"
     mine = [o for o in overrides if not o.startswith("output_dir=")] + [f"output_dir={out}"]
-    from pipeline.train.launcher import RayOptions
 
     monkeypatch.setenv("COATNET_CALLBACKS", "pipeline.train.faults:LoseWorker(step=6)")
     result = launch(recipe, mine, launcher="ray", nproc=2,

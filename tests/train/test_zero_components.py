@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.train.distributed import free_port
+
 pytestmark = [pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
-    from pipeline.train.distributed import free_port
-
     out = tmp_path_factory.mktemp("zero")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}

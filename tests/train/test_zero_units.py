@@ -9,10 +9,11 @@ import pytest
 import torch
 from streaming.base.partition import get_partitions
 
-from pipeline.train.config import AugmentConfig
+from pipeline.train.config import AugmentConfig, ConfigError, load_config
 from pipeline.train.data import micro_batches
 from pipeline.train.device_input import to_device
 from pipeline.train.ema import ShardedEma
+from pipeline.train.launcher import _check_elastic
 
 
 def _step_micro_batches(nodes: int, ranks_per_node: int, *, samples: int = 2048, global_batch: int = 64,
@@ -84,9 +85,6 @@ def test_ema_without_zero_averages_the_parameters_and_round_trips():
 
 def test_elastic_ray_launch_checks_the_smallest_world(capsys):
     from pathlib import Path
-
-    from pipeline.train.config import ConfigError, load_config
-    from pipeline.train.launcher import _check_elastic
 
     demo = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "demo.yaml"
     cfg = load_config(demo, ["train.global_batch_size=64", "train.micro_batch_size=16"], check_data=False)

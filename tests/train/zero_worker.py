@@ -18,14 +18,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import coatnet
+from pipeline.train.checkpoint import CheckpointManager, convert_to_universal
+from pipeline.train.config import load_config, make_plan
+from pipeline.train.distributed import setup_distributed
+from pipeline.train.ema import ShardedEma, consolidate_ema
+from pipeline.train.engine import build_model, initialize
+
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "pretrain" / "demo.yaml"
 NUM_CLASSES = 10
 
 
 def config(out: Path, stage: int, *extra: str):
-    from pipeline.train.config import load_config
-
     return load_config(DEMO, [
         "model.name=coatnet_pico", "model.img_size=32", "model.drop_path_rate=0.0", f"deepspeed.zero_stage={stage}",
         "deepspeed.precision=fp32", "train.global_batch_size=8", "train.micro_batch_size=2", "optim.lr=1e-2",
@@ -34,8 +39,6 @@ def config(out: Path, stage: int, *extra: str):
 
 
 def plan_for(cfg, world: int):
-    from pipeline.train.config import make_plan
-
     return make_plan(cfg, world, train_samples=64, num_classes=NUM_CLASSES)
 
 
@@ -50,9 +53,6 @@ def gathered(model) -> dict[str, torch.Tensor]:
 
 
 def check_init(out: Path, world: int, rank: int) -> dict:
-    import coatnet
-    from pipeline.train.engine import build_model
-
     cfg = config(out, 3)
     plan = plan_for(cfg, world)
     torch.manual_seed(cfg.seed)
@@ -114,10 +114,6 @@ class _NoCollectives:
 def check_ema(out: Path, world: int, rank: int, stage: int, steps: int = 4) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from pipeline.train.checkpoint import CheckpointManager, convert_to_universal
-    from pipeline.train.ema import ShardedEma, consolidate_ema
-    from pipeline.train.engine import build_model, initialize
-
     cfg = config(out / f"z{stage}", stage)
     plan = plan_for(cfg, world)
     torch.manual_seed(cfg.seed)
@@ -164,8 +160,6 @@ def check_ema(out: Path, world: int, rank: int, stage: int, steps: int = 4) -> d
 
 
 def main(out: str) -> int:
-    from pipeline.train.distributed import setup_distributed
-
     ctx = setup_distributed()
     path = Path(out)
     results = {"world_size": ctx.world_size, "init": check_init(path, ctx.world_size, ctx.rank)}

@@ -15,6 +15,8 @@ import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from PIL import Image
+
 from pipeline.data.sources.base import (
     Item,
     Source,
@@ -29,8 +31,6 @@ from pipeline.data.sources.base import (
 
 @functools.cache
 def _base_jpeg(cls: int, size: int) -> bytes:
-    from PIL import Image
-
     colour = ((cls * 97) % 256, (cls * 57 + 80) % 256, (cls * 31 + 160) % 256)
     buf = io.BytesIO()
     Image.new("RGB", (size, size), colour).save(buf, format="JPEG", quality=90)

@@ -218,6 +218,7 @@ def _fetch_all(uris: list[str]) -> Iterator[tuple[str, bytes | Exception]]:
 
 def _raise_if_fatal(e: Exception, uri: str) -> None:
     """A missing object means the source changed; an access problem is the user's; the rest is retried."""
+    # lazy: botocore only once a remote store is used, as in pipeline.storage
     from botocore.exceptions import ClientError
 
     if isinstance(e, ClientError) and str(e.response.get("Error", {}).get("Code")) in ("NoSuchKey", "404"):

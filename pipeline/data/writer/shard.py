@@ -33,6 +33,8 @@ from pathlib import Path
 
 # Imported at module level on purpose: Ray's pooled workers import this module once, so the slow
 # import of streaming (it pulls in torch) is paid once per worker, not per task.
+import pyarrow as pa
+import pyarrow.parquet as pq
 from streaming import MDSWriter
 
 from pipeline import storage
@@ -99,6 +101,7 @@ def _transient(e: Exception, unit: Unit) -> bool:
     """Worth reading the unit again: a broken stream or a throttled request of a remote unit."""
     if not storage.is_remote(unit.uri) or isinstance(e, SourceError):
         return False
+    # lazy: only remote units get here (botocore only once a store is remote, as in pipeline.storage)
     from botocore.exceptions import BotoCoreError, ClientError
     from urllib3.exceptions import HTTPError
 
@@ -281,9 +284,6 @@ def _write_mds(local: Path, items: list[Sample], spool, cfg: dict) -> tuple[Coun
 
 def _write_table(root: str, part: Part, outputs: dict[str, list[Sample]], local: Path) -> None:
     """The per-image record of the part (hash, key, split, index in its split's part): the dedup's input."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     rows = [(s, split, i) for split, items in outputs.items() for i, s in enumerate(items)]
     table = pa.table({
         "sha256": pa.array([s.sha for s, _, _ in rows], pa.binary(32)),
