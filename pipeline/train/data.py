@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from streaming import StreamingDataLoader, StreamingDataset
 
-from pipeline.artifacts import RunDir
+from pipeline.artifacts import Manifest, RunDir
 from pipeline.data.manifest import is_kept, masked_indices
 from pipeline.train.config import Plan, TrainConfig, dataset_manifest, split_uri
 from pipeline.train.streaming_shm import release_stale_shared_memory
@@ -111,16 +111,18 @@ def local_dirs(cfg: TrainConfig) -> list[str]:
 
 
 def build_train_loader(cfg: TrainConfig, plan: Plan, *, dataset: Callable[..., ImageShards] = ImageShards,
-                       transform: Callable | None = None, collate_fn: Callable | None = None) -> StreamingDataLoader:
+                       transform: Callable | None = None, collate_fn: Callable | None = None,
+                       manifest: Manifest | None = None) -> StreamingDataLoader:
     """The training loader: shuffled, seeded augmentation, batches of uint8 pixels (``device_input.to_device``
     makes the model input), one batch per optimizer step (``micro_batches`` splits it; see the module
     docstring). ``dataset``, ``transform`` and ``collate_fn`` replace those parts for a benchmark comparing
-    another per-sample path on the same loader (benchmarks/loader_throughput.py)."""
+    another per-sample path on the same loader (benchmarks/loader_throughput.py). ``manifest``: the dataset's, when
+    the caller has it (read from ``data.root`` otherwise)."""
     step_batch = plan.micro_batch_size * plan.grad_accum_steps
     ds = dataset(
         transform=transform or train_augment(cfg.augment, cfg.model.img_size),
         aug_seed=cfg.seed,
-        masked=masked_indices(dataset_manifest(cfg), cfg.data.train_split),
+        masked=masked_indices(manifest or dataset_manifest(cfg), cfg.data.train_split),
         remote=split_uri(cfg, cfg.data.train_split),
         local=_local(cfg, "train", cfg.data.train_split),
         cache_limit=cfg.data.cache_limit,
@@ -146,12 +148,12 @@ def build_train_loader(cfg: TrainConfig, plan: Plan, *, dataset: Callable[..., I
     )
 
 
-def build_eval_loader(cfg: TrainConfig) -> StreamingDataLoader:
+def build_eval_loader(cfg: TrainConfig, *, manifest: Manifest | None = None) -> StreamingDataLoader:
     """The evaluation loader: the recipe's resize and center crop, batches of uint8 pixels, in order."""
     ds = ImageShards(
         transform=eval_resize(cfg.augment, cfg.eval, cfg.model.img_size),
         aug_seed=None,
-        masked=masked_indices(dataset_manifest(cfg), cfg.data.eval_split),
+        masked=masked_indices(manifest or dataset_manifest(cfg), cfg.data.eval_split),
         remote=split_uri(cfg, cfg.data.eval_split),
         local=_local(cfg, "eval", cfg.data.eval_split),
         cache_limit=cfg.data.cache_limit,

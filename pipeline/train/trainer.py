@@ -22,7 +22,7 @@ from pipeline.train import callbacks as callbacks_
 from pipeline.train import export
 from pipeline.train.cadence import Cadence
 from pipeline.train.checkpoint import CheckpointManager, tag_for
-from pipeline.train.config import ConfigError, TrainConfig, check_canonical_nodes, make_plan
+from pipeline.train.config import ConfigError, TrainConfig, check_canonical_nodes, dataset_manifest, make_plan
 from pipeline.train.data import (
     build_eval_loader,
     build_train_loader,
@@ -72,7 +72,10 @@ class Trainer:
         self.ema = ShardedEma(self.engine, config.ema.decay, "cpu" if config.ema.device == "cpu" else None) \
             if config.ema.decay else None
         self._release_stale_shared_memory()
-        self.loader, self.eval_loader = build_train_loader(config, plan), build_eval_loader(config)
+        # One read of the manifest for both loaders: at ImageNet-21K scale it is megabytes, on every rank.
+        manifest = dataset_manifest(config)
+        self.loader = build_train_loader(config, plan, manifest=manifest)
+        self.eval_loader = build_eval_loader(config, manifest=manifest)
         self.state, self.last_checkpoint = TrainState(), None
         torch.manual_seed(config.seed + 1 + ctx.rank)  # each rank draws its own drop-path masks
         self.resume(found, force_resume)
