@@ -11,33 +11,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ft_helpers import COMMON, PRETRAIN_SHORT, REPO, finetune_overrides, free_port
+from ft_helpers import COMMON, PRETRAIN_SHORT, REPO, finetune_overrides, free_port, wait_http_ok
 
 from pipeline.data import shard_dataset
 from pipeline.evaluate import evaluate
 from pipeline.finetune import run
 from pipeline.registry import register
 from pipeline.train import launch
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"mlflow server at {url} not healthy after {timeout}s")
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -69,7 +53,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     try:
-        _wait_healthy(url, proc, timeout=120)
+        wait_http_ok(f"{url}/health", proc, 120, "mlflow server")
         os.environ["MLFLOW_TRACKING_URI"] = url
         yield url
     except Exception:

@@ -1,8 +1,11 @@
-"""Constants shared by the fine-tuning tests (a uniquely named module: several conftest.py exist)."""
+"""Constants and helpers shared by the fine-tuning tests (a uniquely named module: several conftest.py exist)."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,3 +33,19 @@ def free_port() -> int:
 def finetune_overrides(shards: dict[str, str], pretrained: Path | str, out: Path | str) -> list[str]:
     return [*COMMON, f"finetune.pretrained={pretrained}", f"finetune.source_classes={shards['digits21k']}",
             f"data.root={shards['digits']}", f"output_dir={out}", *FINETUNE_SHORT]
+
+
+def wait_http_ok(url: str, proc: subprocess.Popen, timeout: float, what: str, log: Path | None = None) -> None:
+    """Until ``url`` answers 200; fails at once when ``proc`` (the server) exits, with ``log``'s tail if given."""
+    tail = (lambda: "\n" + log.read_text()[-3000:]) if log is not None else (lambda: "")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}{tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{what} at {url} not ready after {timeout}s{tail()}")

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from ft_helpers import free_port
+from ft_helpers import free_port, wait_http_ok
 
 from pipeline.cli import main
 from pipeline.data import resolve_root
@@ -71,18 +70,7 @@ class _Server:
         )
 
     def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow models serve exited with {self.proc.returncode}:\n"
-                                   f"{self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        raise TimeoutError(f"mlflow models serve not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
+        wait_http_ok(f"{self.url}/ping", self.proc, timeout, "mlflow models serve", self.log)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         req = urllib.request.Request(f"{self.url}/invocations", data=json.dumps({"inputs": x.tolist()}).encode(),
