@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import coatnet
+from coatnet.state_dict import HEAD_BIAS, HEAD_WEIGHT
 
 TIMM_PREFIX = "timm/"
 # Keys the pipeline sets from its own model section; in overrides they would be ambiguous.
@@ -146,6 +147,8 @@ def classifier_keys(model: nn.Module) -> tuple[str, str]:
 
     timm models name their classifier through ``get_classifier`` (what ``reset_classifier`` replaces).
     """
+    if isinstance(model, coatnet.CoAtNet):
+        return HEAD_WEIGHT, HEAD_BIAS
     get = getattr(model, "get_classifier", None)
     if get is None or not hasattr(model, "reset_classifier"):
         raise ValueError(f"{type(model).__name__} has no get_classifier/reset_classifier: its classifier cannot "

@@ -129,5 +129,7 @@ def test_classifier_keys_for_head_transfer():
     assert models.classifier_keys(timm_model) == ("head.fc.weight", "head.fc.bias")
     resnet = models.create_model("timm/resnet18", num_classes=5, img_size=32, device="meta")  # takes no img_size
     assert models.classifier_keys(resnet) == ("fc.weight", "fc.bias")
+    pico = models.create_model("coatnet_pico", num_classes=5, img_size=32, device="meta")
+    assert models.classifier_keys(pico) == ("head.fc.weight", "head.fc.bias")
     with pytest.raises(ValueError, match="no get_classifier/reset_classifier"):
         models.classifier_keys(torch.nn.Linear(2, 2))
