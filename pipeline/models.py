@@ -177,3 +177,26 @@ def adapt_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module,
                              f"relative-position tables are resized to a new resolution only for CoAtNet models, "
                              f"not {type(model).__name__}; use the checkpoint's img_size")
     return dict(state)
+
+
+def activation_elements(name: str, *, num_classes: int, img_size: int,
+                        overrides: Mapping[str, Any] | None = None) -> int:
+    """Elements per image that the leaf modules of a training forward output (what autograd keeps, roughly),
+    from a meta-device forward: nothing is allocated. ``pipeline.cluster.sizing`` turns it into bytes."""
+    model = create_model(name, num_classes=num_classes, img_size=img_size, overrides=overrides, device="meta")
+    total = 0
+
+    def add(_module: nn.Module, _args: Any, out: Any) -> None:
+        nonlocal total
+        total += sum(t.numel() for t in (out if isinstance(out, tuple | list) else (out,))
+                     if isinstance(t, torch.Tensor))
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    hooks = [m.register_forward_hook(add) for m in leaves]
+    try:
+        with torch.device("meta"):
+            model.train()(torch.empty(1, 3, img_size, img_size))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total

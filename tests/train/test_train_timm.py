@@ -133,3 +133,16 @@ def test_classifier_keys_for_head_transfer():
     assert models.classifier_keys(pico) == ("head.fc.weight", "head.fc.bias")
     with pytest.raises(ValueError, match="no get_classifier/reset_classifier"):
         models.classifier_keys(torch.nn.Linear(2, 2))
+
+
+def test_dry_run_sizes_a_timm_model_like_a_coatnet():
+    from pipeline.train.dry_run import dry_run
+
+    recipe = REPO / "configs" / "pretrain" / "coatnet_0_in1k.yaml"
+    ours = dry_run(recipe, ["data.num_samples=imagenet1k"], world_size=8)
+    peer = dry_run(recipe, ["data.num_samples=imagenet1k", "model.name=timm/coatnet_0_224"], world_size=8)
+    # timm's coatnet_0 is the same network: parameters within 3%, MACs and memory per rank within 15%.
+    assert peer.plan.params == pytest.approx(ours.plan.params, rel=0.03)
+    assert peer.plan.macs_per_image == pytest.approx(ours.plan.macs_per_image, rel=0.15)
+    assert peer.memory_gib_per_rank == pytest.approx(ours.memory_gib_per_rank, rel=0.15)
+    assert not any(w.startswith("memory") for w in peer.warnings)
