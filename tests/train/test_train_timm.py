@@ -1,5 +1,6 @@
-"""A timm model through the pipeline (``model.name: timm/<name>``): 2-rank ZeRO-3 training with the EMA, a
-sample-exact resume, the export rebuilt for evaluation; and the one-line errors of what only a CoAtNet has."""
+"""A timm model through the pipeline (``model.name: timm/<name>``): 2-rank ZeRO-3 training with the EMA and
+activation checkpointing, a sample-exact resume, the export rebuilt for evaluation; sizing; and the one-line
+errors of what only a CoAtNet has."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ PEER = REPO / "configs" / "pretrain" / "demo_timm_maxxvit.yaml"
 # The recipe's MaxxVit at 32 px: stage 4's attention sees one token, stage 3's a 2x2 window.
 TIMM = ["model.img_size=32", "data.train_split=minival", "data.eval_split=minival", "train.global_batch_size=16",
         "train.micro_batch_size=8", "eval.max_samples=16", "deepspeed.zero_stage=3", "train.max_steps=4",
-        "checkpoint.interval_steps=2", "train.record_samples=true", "model.drop_path_rate=0.0", "ema.decay=0.9"]
+        "checkpoint.interval_steps=2", "train.record_samples=true", "model.drop_path_rate=0.0", "ema.decay=0.9",
+        "model.grad_checkpointing=true"]  # timm's set_grad_checkpointing, under ZeRO-3
 
 
 def _losses(out: Path) -> dict[int, float]:
