@@ -129,7 +129,22 @@ def _bytes_per_token_channel() -> float:
 BYTES_PER_TOKEN_CHANNEL = _bytes_per_token_channel()
 
 
-def activation_bytes_per_image(name: str, img_size: int, checkpointing: bool) -> float:
+# A model without a layout here (a timm model, the small CPU CoAtNets) is sized by the elements its leaf
+# modules output in one training forward (pipeline.models.activation_elements, a meta-device forward),
+# calibrated on the same measurement: timm coatnet_5_224 at 224 outputs 463,005,651 such elements per image
+# (`python -c "from pipeline import models; print(models.activation_elements('timm/coatnet_5_224',
+# num_classes=21843, img_size=224))"`). With checkpointing no saving is assumed: its blocks are not known here.
+MEASURED_ACTIVATION_ELEMENTS = 463_005_651
+BYTES_PER_ACTIVATION_ELEMENT = (MEASURED_PEAK_GIB * GiB - 16 * PAPER_PARAMS[MEASURED_MODEL]) / (
+    MEASURED_BATCH * MEASURED_ACTIVATION_ELEMENTS)
+
+
+def activation_bytes_per_image(name: str, img_size: int, checkpointing: bool,
+                               activation_elements: float | None = None) -> float:
+    """Bytes of activations per image: from the paper's layout of ``name``, or, for a model without one, from
+    its ``activation_elements`` per image."""
+    if name not in LAYOUTS and activation_elements is not None:
+        return BYTES_PER_ACTIVATION_ELEMENT * activation_elements
     total, largest = token_channels(name, img_size)
     if not checkpointing:
         return BYTES_PER_TOKEN_CHANNEL * total
@@ -194,10 +209,10 @@ def host_state_bytes(params: float, zero_stage: int, world_size: int, *, offload
 
 def memory_gib(
     name: str, img_size: int, *, params: float, zero_stage: int, world_size: int, micro_batch: int,
-    checkpointing: bool, offload: bool = False, ema: bool = False,
+    checkpointing: bool, offload: bool = False, ema: bool = False, activation_elements: float | None = None,
 ) -> float:
     states = model_state_bytes(params, zero_stage, world_size, offload=offload, ema=ema)
-    acts = micro_batch * activation_bytes_per_image(name, img_size, checkpointing)
+    acts = micro_batch * activation_bytes_per_image(name, img_size, checkpointing, activation_elements)
     return (states + acts) / GiB + OVERHEAD_GIB[zero_stage]
 
 

@@ -2,7 +2,7 @@
 
 A run directory (local or ``s3://``) is what the trainer exports at the end::
 
-    model_config.json          the CoAtNet config (coatnet.CoAtNetConfig.to_dict)
+    model_config.json          what rebuilds the model (pipeline.models: name, overrides, a CoAtNet's config)
     model.safetensors          raw fp32 weights
     model_ema.safetensors      fp32 EMA weights (when the recipe keeps an EMA)
     preprocessing.json         written by the fine-tuning stage
@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-import coatnet
+from pipeline import models
 from pipeline.artifacts import RunDir
 from pipeline.evaluate.preprocessing import Preprocessing
 from pipeline.logged_models import load_model, model_metadata
@@ -53,19 +53,12 @@ def is_registry_uri(uri: str) -> bool:
 
 
 def model_from_config(model_config: dict[str, Any]) -> nn.Module:
-    """A CoAtNet from the trainer's ``model_config.json`` (or a bare ``CoAtNetConfig`` dict)."""
-    if isinstance(model_config.get("config"), dict):  # the trainer's export: the exact architecture
-        return coatnet.CoAtNet(coatnet.CoAtNetConfig.from_dict(model_config["config"]))
-    if "depths" in model_config:
-        return coatnet.CoAtNet(coatnet.CoAtNetConfig.from_dict(model_config))
-    return coatnet.create_model(
-        model_config["name"], num_classes=int(model_config["num_classes"]), img_size=model_config["img_size"],
-        **dict(model_config.get("overrides") or {}),
-    )
+    """The model of the trainer's ``model_config.json`` (or a bare ``CoAtNetConfig`` dict)."""
+    return models.from_model_config(model_config)
 
 
 def build_model(model_config: dict[str, Any], weights: str | Path) -> nn.Module:
-    """A CoAtNet from its config dict and a safetensors file, in eval mode on CPU (strict load)."""
+    """The model of its config dict with a safetensors file, in eval mode on CPU (strict load)."""
     model = model_from_config(model_config)
     model.load_state_dict(load_file(str(weights)), strict=True)
     return model.eval()

@@ -26,8 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-import coatnet
-from pipeline import storage
+from pipeline import models, storage
 from pipeline.artifacts import RunDir, TrainResult, read_manifest
 from pipeline.data.synsets import synsets
 from pipeline.evaluate.preprocessing import Preprocessing
@@ -124,15 +123,27 @@ def _fingerprint(cfg: FinetuneConfig, target_hash: str | None) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _check_fits(state: dict[str, torch.Tensor], cfg: FinetuneConfig, num_classes: int) -> None:
+def _target_model(cfg: FinetuneConfig, num_classes: int) -> torch.nn.Module:
+    """The fine-tuning model on the meta device: its shapes and its classifier's keys, nothing allocated."""
+    m = cfg.train.model
+    return models.create_model(m.name, num_classes=num_classes, img_size=m.img_size,
+                               drop_path_rate=m.drop_path_rate, overrides=m.overrides, device="meta")
+
+
+def _classifier_keys(model: torch.nn.Module, cfg: FinetuneConfig) -> tuple[str, str]:
+    try:
+        return models.classifier_keys(model)
+    except ValueError as e:
+        raise ConfigError(f"model.name: {cfg.train.model.name} cannot be fine-tuned from another label space: "
+                          f"{e}") from None
+
+
+def _check_fits(state: dict[str, torch.Tensor], cfg: FinetuneConfig, model: torch.nn.Module) -> None:
     """Fail before compute when the prepared weights cannot load strictly into the fine-tuning model."""
     m = cfg.train.model
-    with torch.device("meta"):
-        model = coatnet.create_model(m.name, num_classes=num_classes, img_size=m.img_size,
-                                     drop_path_rate=m.drop_path_rate, **m.overrides)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     try:
-        adapted = coatnet.adapt_state_dict(state, model)
+        adapted = models.adapt_state_dict(state, model)
     except ValueError as e:
         raise ConfigError(f"finetune.pretrained does not fit model.name={m.name}: {e}") from e
     missing, unexpected = sorted(set(want) - set(adapted)), sorted(set(adapted) - set(want))
@@ -164,23 +175,25 @@ def prepare_init_weights(cfg: FinetuneConfig, *, force: bool = False) -> Prepare
                                 meta.get("pretrain_run_id"), fp, reused=True)
 
     ft = cfg.finetune
+    model = _target_model(cfg, num_classes)
+    keys = _classifier_keys(model, cfg)  # before the consolidation: a model without one fails at once
     state, checkpoint = load_pretrained_state(ft.pretrained, work)
     if ft.head_init == "zero":
         children: list[list[int]] = [[] for _ in target_classes]
     else:
         classes, parent_map, parent_classes, _ = load_source_classes(ft.source_classes or "")
-        head_rows = state["head.fc.weight"].shape[0] if "head.fc.weight" in state else None
+        head_rows = state[keys[0]].shape[0] if keys[0] in state else None
         if head_rows is not None and head_rows != len(classes):
             raise ConfigError(
                 f"finetune.source_classes: {ft.source_classes} has {len(classes)} classes but the pretrained "
                 f"head has {head_rows} rows"
             )
         children = class_children(classes, target_classes, parent_map, parent_classes)
-    state, head = init_head(state, children, ft.head_init, target_classes)
+    state, head = init_head(state, children, ft.head_init, target_classes, keys)
     if head.unmatched:
         log.warning("%d fine-tuning classes have no pretraining class (zero rows): %s",
                     len(head.unmatched), head.unmatched[:10])
-    _check_fits(state, cfg, num_classes)
+    _check_fits(state, cfg, model)
     tmp = init.with_name(f".{init.name}.tmp")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     tmp.replace(init)

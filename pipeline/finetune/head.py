@@ -79,15 +79,21 @@ def init_head(
     children: Sequence[Sequence[int]],
     mode: str = "select",
     target_classes: Sequence[str] | None = None,
+    keys: tuple[str, str] = (HEAD_WEIGHT, HEAD_BIAS),
 ) -> tuple[dict[str, torch.Tensor], HeadInit]:
-    """A copy of ``state_dict`` whose classifier has ``len(children)`` rows, built as ``mode`` says."""
+    """A copy of ``state_dict`` whose classifier has ``len(children)`` rows, built as ``mode`` says.
+
+    ``keys``: the classifier's weight and bias in the state dict (a CoAtNet's by default; see
+    ``pipeline.models.classifier_keys``).
+    """
     if mode not in HEAD_MODES:
         raise ValueError(f"head init must be one of {HEAD_MODES}, got {mode!r}")
-    if HEAD_WEIGHT not in state_dict:
-        raise ValueError(f"the pretrained weights have no classifier ({HEAD_WEIGHT})")
+    weight_key, bias_key = keys
+    if weight_key not in state_dict:
+        raise ValueError(f"the pretrained weights have no classifier ({weight_key})")
     sd = dict(state_dict)
-    w_src = sd[HEAD_WEIGHT].float()
-    b_src = sd.get(HEAD_BIAS)
+    w_src = sd[weight_key].float()
+    b_src = sd.get(bias_key)
     b_src = torch.zeros(w_src.shape[0]) if b_src is None else b_src.float()
     n, dim = len(children), w_src.shape[1]
     w = torch.zeros(n, dim)
@@ -107,5 +113,5 @@ def init_head(
         w[t] = w_src[pick].mean(0)
         b[t] = b_src[pick].mean()
         used.append(pick)
-    sd[HEAD_WEIGHT], sd[HEAD_BIAS] = w, b
+    sd[weight_key], sd[bias_key] = w, b
     return sd, HeadInit(mode, n, int(w_src.shape[0]), used, unmatched)

@@ -32,6 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
+from pipeline import models
 from pipeline.artifacts import EvaluationReport, Manifest, RunDir, read_manifest
 from pipeline.evaluate import load_run
 from pipeline.finetune import read_lineage
@@ -192,7 +193,7 @@ def register_model(
             extra_files=extra,
             metadata=meta,
             registered_model_name=name,
-            pip_requirements=_pip_requirements(),
+            pip_requirements=_pip_requirements(str(model_config.get("name", ""))),
             validate_serving_input=validate,
         )
         version = str(info.registered_model_version)
@@ -205,9 +206,11 @@ def register_model(
         return RegisteredModel(name, version, aliases, run.info.run_id, f"models:/{name}/{version}", decision)
 
 
-def _pip_requirements() -> list[str]:
+def _pip_requirements(model: str) -> list[str]:
+    # The pt2 program loads without the model's code; timm is what rebuilds a timm model from the attached
+    # safetensors and model_config.json in eager PyTorch.
     reqs = []
-    for pkg in ("torch", "mlflow", "numpy", "safetensors"):
+    for pkg in ("torch", "mlflow", "numpy", "safetensors", *(("timm",) if models.is_timm(model) else ())):
         try:
             reqs.append(f"{pkg}=={metadata.version(pkg)}")
         except metadata.PackageNotFoundError:

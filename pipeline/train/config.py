@@ -26,8 +26,7 @@ import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-import coatnet
-from pipeline import storage
+from pipeline import models, storage
 from pipeline.artifacts import SPLIT_INDEX, Manifest, ManifestNotFound, read_manifest, resolve_root
 from pipeline.errors import UserError
 from pipeline.train.known_datasets import KNOWN_DATASETS
@@ -66,7 +65,8 @@ class ModelConfig:
     grad_checkpointing: Bool = False
     # A safetensors state dict (path or s3:// URI) loaded strictly before deepspeed.initialize.
     init_weights: Str | None = None
-    # Extra keyword arguments for coatnet.create_model (architecture tweaks).
+    # Extra keyword arguments for the model's constructor (architecture tweaks): coatnet.create_model's, or
+    # timm.create_model's for a model.name of timm/<name> (pipeline.models).
     overrides: dict = field(default_factory=dict)
 
 
@@ -363,6 +363,20 @@ def validate(cfg: TrainConfig) -> None:
          "optimizer offload needs deepspeed.zero_stage >= 1")
     need(not isinstance(n, str) or n in KNOWN_DATASETS, "data.num_samples",
          f"{n!r} is neither a sample count nor a known dataset ({', '.join(KNOWN_DATASETS)})")
+    _check_model_name(cfg.model)
+
+
+def _check_model_name(m: ModelConfig) -> None:
+    """``model.name`` builds (a CoAtNet variant, or ``timm/<name>`` of a model timm knows), and the overrides
+    leave the keys the model section sets to it."""
+    try:
+        models.check_name(m.name)
+    except models.ModelNameError as e:
+        raise ConfigError(f"model.name: {e}") from None
+    reserved = sorted(set(m.overrides) & set(models.RESERVED_OVERRIDES))
+    if reserved:
+        raise ConfigError(f"model.overrides: {', '.join(reserved)} set by the model section itself (model.<key>; "
+                          "pretrained weights: model.init_weights), not by overrides")
 
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
@@ -584,12 +598,6 @@ def make_plan(cfg: TrainConfig, world_size: int, *, with_counts: bool = True,
 
 
 def model_counts(cfg: TrainConfig, num_classes: int) -> tuple[int | None, int | None]:
-    """(parameters, MACs per image) from the model package's analytic counter."""
-    try:
-        conf = coatnet.get_config(cfg.model.name)
-        if cfg.model.overrides:
-            conf = conf.replace(**cfg.model.overrides)
-        p, m = coatnet.count(conf, cfg.model.img_size, num_classes=num_classes)
-        return int(p), int(m)
-    except AttributeError:  # a model package without its counter
-        return None, None
+    """(parameters, MACs per image) of the recipe's model, counted without allocating it (pipeline.models)."""
+    m = cfg.model
+    return models.count(m.name, num_classes=num_classes, img_size=m.img_size, overrides=m.overrides)

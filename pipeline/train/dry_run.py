@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import storage
+from pipeline import models, storage
 from pipeline.artifacts import Manifest
 from pipeline.cluster import sizing
 from pipeline.data.config import DEFAULT_MINIVAL_FRACTION
@@ -57,10 +57,15 @@ def dry_run(config: TrainConfig | str | os.PathLike, overrides: list[str] | tupl
     classes, classes_from = _num_classes(cfg, manifest)
     plan = make_plan(cfg, world_size, train_samples=samples, num_classes=classes)
     memory = None
+    m = cfg.model
     try:
-        memory = sizing.memory_gib(cfg.model.name, cfg.model.img_size, params=plan.params,
+        # A model without a layout in sizing is sized by a meta-device forward.
+        elements = None if m.name in sizing.LAYOUTS else models.activation_elements(
+            m.name, num_classes=plan.num_classes, img_size=m.img_size, overrides=m.overrides)
+        memory = sizing.memory_gib(m.name, m.img_size, params=plan.params,
                                    zero_stage=cfg.deepspeed.zero_stage, world_size=world_size,
-                                   micro_batch=plan.micro_batch_size, checkpointing=cfg.model.grad_checkpointing)
+                                   micro_batch=plan.micro_batch_size, checkpointing=m.grad_checkpointing,
+                                   activation_elements=elements)
     except (ValueError, KeyError, TypeError) as e:
         warnings.append(f"memory: no estimate for {cfg.model.name} ({e})")
     if memory is not None and (cfg.deepspeed.offload_optimizer or cfg.deepspeed.offload_params):

@@ -24,9 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-import coatnet
-from coatnet.adapt import adapt_state_dict, strip_wrapper_prefix
-from pipeline import storage
+from coatnet.adapt import strip_wrapper_prefix
+from pipeline import models, storage
 from pipeline.artifacts import RunDir
 from pipeline.train.config import Plan, TrainConfig
 from pipeline.train.optim import lr_scheduler_factory, param_groups
@@ -90,9 +89,13 @@ def build_model(cfg: TrainConfig, plan: Plan) -> nn.Module:
     Seed the global RNG first: every rank draws the same initial weights.
     """
     m = cfg.model
-    with _construction(cfg, plan):
-        model = coatnet.create_model(m.name, num_classes=plan.num_classes, img_size=m.img_size,
-                                     drop_path_rate=m.drop_path_rate, **m.overrides)
+    inside = models.builds_partitioned(m.name)
+    with _construction(cfg, plan) if inside else contextlib.nullcontext():
+        model = models.create_model(m.name, num_classes=plan.num_classes, img_size=m.img_size,
+                                    drop_path_rate=m.drop_path_rate, overrides=m.overrides)
+    if partitioned(cfg) and not inside:
+        # Built whole (its initialisation cannot run on partitions), then partitioned: same weights as ZeRO-1/2.
+        _partition(model, cfg, plan)
     if m.init_weights:
         load_init_weights(model, m.init_weights)
     if m.grad_checkpointing:
@@ -108,6 +111,13 @@ def _construction(cfg: TrainConfig, plan: Plan):
 
     # The engine's own config: same dtype, same parameter offload (partitions straight to host memory).
     return deepspeed.zero.Init(config_dict_or_path=ds_config(cfg, plan))
+
+
+def _partition(model: nn.Module, cfg: TrainConfig, plan: Plan) -> None:
+    # lazy: DeepSpeed picks its accelerator on import, so only after setup_distributed set DS_ACCELERATOR
+    import deepspeed
+
+    deepspeed.zero.Init(module=model, config_dict_or_path=ds_config(cfg, plan))
 
 
 def load_init_weights(model: nn.Module, uri: str) -> None:
@@ -151,7 +161,8 @@ def _load_partitioned(model: nn.Module, f, uri: str) -> None:
     def tensor(name: str, shape: torch.Size) -> torch.Tensor:
         t = f.get_tensor(names[name])
         if tuple(t.shape) != tuple(shape):
-            t = adapt_state_dict({name: t}, model)[name]  # relative-position tables: resized to this grid
+            # relative-position tables: resized to this grid (a CoAtNet's; another model's: a ValueError)
+            t = models.adapt_state_dict({name: t}, model, {name: tuple(shape)})[name]
         if tuple(t.shape) != tuple(shape):
             raise RuntimeError(f"model.init_weights {uri} does not fit {type(model).__name__}: {name} has shape "
                                f"{tuple(t.shape)} in the file, {tuple(shape)} in the model")

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from pipeline import models
 from pipeline.artifacts import RunDir
 from pipeline.train.config import Plan, TrainConfig
 from pipeline.train.ema import consolidate_ema
@@ -35,14 +36,14 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> Path:
 
 
 def model_config(config: TrainConfig, plan: Plan, model) -> dict:
-    cfg = getattr(model, "config", None)
+    """What rebuilds the model (``pipeline.models.from_model_config``) with the preprocessing's mean and std."""
     return {
         "name": config.model.name,
         "num_classes": plan.num_classes,
         "img_size": config.model.img_size,
         "drop_path_rate": config.model.drop_path_rate,
         "overrides": dict(config.model.overrides),
-        "config": cfg.to_dict() if hasattr(cfg, "to_dict") else None,
+        "config": models.architecture(model),
         "train_config_hash": config.config_hash,
         "mean": list(config.augment.mean),
         "std": list(config.augment.std),

@@ -11,6 +11,7 @@ from ft_helpers import REPO
 from safetensors.torch import save_file
 
 import coatnet
+from pipeline import models
 from pipeline.cli import main
 from pipeline.finetune import CheckpointNotFound, consolidate, load_finetune_config, prepare_init_weights
 from pipeline.finetune.config import from_mapping
@@ -116,6 +117,24 @@ def test_prepare_from_a_weights_file_maps_rows_and_loads_at_the_new_resolution(t
     model = coatnet.create_model("coatnet_pico", num_classes=10, img_size=48)
     model.load_state_dict(init, strict=True)  # the trainer's strict load, tables resized by the hook
     assert prepare_init_weights(c).reused
+
+
+def test_a_timm_model_takes_the_21k_to_1k_head_transfer_through_its_classifier(tmp_path):
+    """resnet18's classifier is ``fc`` (timm's get_classifier names it), not CoAtNet's ``head.fc``."""
+    from safetensors.torch import load_file
+
+    target = _dataset(tmp_path / "digits", [str(d) for d in range(10)])
+    source = _dataset(tmp_path / "d21k", [f"{d}_r{k}" for d in range(10) for k in (0, 90)],
+                      parent_map=[i // 2 for i in range(20)], parent_classes=[str(d) for d in range(10)])
+    pre = tmp_path / "resnet.safetensors"
+    state = models.create_model("timm/resnet18", num_classes=20, img_size=32).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(pre))
+    c = from_mapping({"finetune": {"pretrained": str(pre), "source_classes": source}, "data": {"root": target},
+                      "output_dir": str(tmp_path / "out"), "model": {"name": "timm/resnet18", "img_size": 32}},
+                     check_data=False)
+    init = load_file(str(prepare_init_weights(c).path))
+    assert torch.equal(init["fc.weight"], state["fc.weight"][0::2]) and "head.fc.weight" not in init
+    models.create_model("timm/resnet18", num_classes=10, img_size=32).load_state_dict(init, strict=True)
 
 
 def test_consolidate_rejects_what_is_not_a_checkpoint(tmp_path):

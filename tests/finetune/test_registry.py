@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import coatnet
+from pipeline import models
 from pipeline.registry import CANDIDATE, CHAMPION, champion, register_model
 
 pytestmark = [pytest.mark.slow]
@@ -92,3 +93,30 @@ def test_load_by_alias_both_flavours_and_no_secrets_anywhere(mlflow_server, tiny
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in load_file(str(st)).items())
     meta = json.loads(next(local.rglob("preprocessing.json")).read_text())
     assert meta["img_size"] == 32
+
+
+@pytest.mark.timeout(300)
+def test_a_timm_model_registers_and_its_artefact_rebuilds_it(mlflow_server, tmp_path):
+    """The pt2 program serves it; the attached model_config.json and safetensors rebuild the timm model."""
+    overrides = {"embed_dim": [24, 32, 64, 128], "depths": [1, 1, 1, 1], "stem_width": 16,
+                 "transformer_dim_head": 16, "head_hidden_size": 0}
+    config = {"name": "timm/coatnet_0_224", "num_classes": 10, "img_size": 32, "overrides": overrides, "config": None}
+    torch.manual_seed(0)
+    model = models.from_model_config(config).eval()
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    name = "coatnet-timm-peer"
+    reg = register_model(model, name=name, top1=0.5, img_size=32, num_classes=10, weights_file=path,
+                         model_config=config, preprocessing={"img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
+                         validate=False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+        assert torch.allclose(mlflow.pytorch.load_model(f"models:/{name}@{CHAMPION}")(x), want, atol=1e-5)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{reg.version}", dst_path=str(tmp_path / "m")))
+    rebuilt = models.from_model_config(json.loads(next(local.rglob("model_config.json")).read_text()))
+    rebuilt.load_state_dict(load_file(str(next(local.rglob("model.safetensors")))), strict=True)
+    assert type(rebuilt).__name__ == "MaxxVit"
+    with torch.no_grad():
+        assert torch.allclose(rebuilt.eval()(x), want, atol=1e-6)
+    assert any(r.startswith("timm==") for r in next(local.rglob("requirements.txt")).read_text().split())

@@ -43,6 +43,11 @@ def test_zero3_build_is_partitioned_and_equals_the_unpartitioned_one(results):
     assert r["tables_resized"] and r["init_weights_mismatched"] == []
 
 
+def test_zero3_build_of_a_timm_model_is_partitioned_and_equals_the_unpartitioned_one(results):
+    r = results["init_timm"]
+    assert r["partitioned"] and r["mismatched"] == []
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_sharded_ema_export_equals_a_reference_ema(results, stage):
     r = results[f"ema_{stage}"]

@@ -91,6 +91,22 @@ def check_init(out: Path, world: int, rank: int) -> dict:
             "tables_resized": any(t.shape != want[n].shape for n, t in load_file(str(src)).items())}
 
 
+def check_init_timm(out: Path, world: int) -> dict:
+    """A timm model under ZeRO-3: built whole (its init cannot run on partitions), then partitioned."""
+    from pipeline import models
+
+    peer = load_config(REPO / "configs" / "pretrain" / "demo_timm_maxxvit.yaml", check_data=False).model
+    cfg = config(out, 3, f"model.name={peer.name}", f"model.overrides={json.dumps(peer.overrides)}")
+    torch.manual_seed(cfg.seed)
+    ref = models.create_model(peer.name, num_classes=NUM_CLASSES, img_size=32, overrides=peer.overrides)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, plan_for(cfg, world))
+    params = list(model.named_parameters())
+    ref_sd = ref.state_dict()
+    return {"partitioned": all(hasattr(p, "ds_id") and p.data.numel() == 0 for _, p in params),
+            "mismatched": [n for n, t in gathered(model).items() if not torch.equal(t, ref_sd[n])]}
+
+
 class _NoCollectives:
     """Every collective raises while active: the EMA update must not communicate."""
 
@@ -162,7 +178,8 @@ def check_ema(out: Path, world: int, rank: int, stage: int, steps: int = 4) -> d
 def main(out: str) -> int:
     ctx = setup_distributed()
     path = Path(out)
-    results = {"world_size": ctx.world_size, "init": check_init(path, ctx.world_size, ctx.rank)}
+    results = {"world_size": ctx.world_size, "init": check_init(path, ctx.world_size, ctx.rank),
+               "init_timm": check_init_timm(path, ctx.world_size)}
     for stage in (2, 3):
         results[f"ema_{stage}"] = check_ema(path, ctx.world_size, ctx.rank, stage)
     if ctx.rank == 0:
