@@ -254,7 +254,9 @@ def join_world_of_one(device: torch.device) -> None:
                                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        # set_device wants an index: a bare torch.device("cuda") raises "Expected a torch.device with a
+        # specified index", which broke every trainer row on the H200.
+        torch.cuda.set_device(device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def trainer_recipe(name: str, args: argparse.Namespace) -> Path:
