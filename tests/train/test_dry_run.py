@@ -72,6 +72,14 @@ def test_explicit_optimizer_and_compile_choices_are_taken_and_said(no_credential
     assert p["compile"] == {"enabled": True, "reason": "model.compile in the recipe"}
 
 
+def test_one_rank_zero2_is_flagged_with_its_cost(no_credentials, capsys):
+    rc, out, _ = _run(capsys, "pretrain", "--config", IN21K, "--dry-run", "--nproc", "1", "--json")
+    assert rc == 0 and any(w.startswith("deepspeed: ZeRO-2 on one rank") for w in out["warnings"])
+    rc, out, _ = _run(capsys, "pretrain", "--config", IN21K, "--dry-run", "--nproc", "1", "--json",
+                      "deepspeed.zero_stage=0")
+    assert rc == 0 and not any(w.startswith("deepspeed:") for w in out["warnings"])
+
+
 def test_unreadable_bucket_falls_back_to_data_num_samples(s3_endpoint, capsys):
     root = "s3://no-such-bucket-for-dry-runs/imagenet21k"
     rc, out, err = _run(capsys, "pretrain", "--config", IN21K, "--dry-run", "--nproc", "4", "--json",
