@@ -13,7 +13,7 @@ this project's images/s by timm's.
 
 ``--trainer`` adds, beside the bare step, the step the pipeline's trainer runs, built through its own
 engine construction (``pipeline.train.engine``: DeepSpeed with the recipe's ZeRO stage, bf16 on CUDA, its
-AdamW: DeepSpeed's FusedAdam on CUDA) from ``--trainer-recipe`` (default: the model's 1K pretraining
+AdamW: ``optim.impl``, torch's fused AdamW on CUDA by default) from ``--trainer-recipe`` (default: the model's 1K pretraining
 recipe), fed what the loader delivers (pinned uint8 NHWC pixels): ``device_input.to_device`` (copy,
 normalise, the recipe's MixUp), forward, the recipe's loss, the trainer's finiteness all-reduce, DeepSpeed's
 backward and step, ``loss.item()``. Its ratio to the bare step is the trainer's overhead. Without deepspeed
@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import coatnet  # noqa: E402
 from pipeline.train.config import load_config, make_plan  # noqa: E402
 from pipeline.train.device_input import to_device  # noqa: E402
-from pipeline.train.engine import build_model, initialize, input_dtype  # noqa: E402
+from pipeline.train.engine import build_model, initialize, input_dtype, optimizer_choice  # noqa: E402
 from pipeline.train.loss import build_loss  # noqa: E402
 
 
@@ -254,7 +254,9 @@ def join_world_of_one(device: torch.device) -> None:
                                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        # set_device wants an index: a bare torch.device("cuda") raises "Expected a torch.device with a
+        # specified index", which broke every trainer row on the H200.
+        torch.cuda.set_device(device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def trainer_recipe(name: str, args: argparse.Namespace) -> Path:
@@ -301,6 +303,8 @@ class TrainerRunner(Runner):
             f"model.overrides={{attn_impl: {args.attn_impl}, channels_last: {str(not args.no_channels_last).lower()}}}",
             f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.batch}",
             f"deepspeed.zero_stage={args.zero_stage}",
+            # The trainer's regional compile (model.compile) follows --compile ours|both, not the recipe's auto.
+            f"model.compile={str(args.compile in ('ours', 'both')).lower()}",
             f"deepspeed.precision={'bf16' if device.type == 'cuda' and args.dtype == 'bf16' else 'fp32'}",
             "data.root=unused", f"output_dir={self.tmp.name}", "logging.mlflow=false",
             "schedule.warmup_steps=0", "schedule.warmup_epochs=0",
@@ -308,20 +312,11 @@ class TrainerRunner(Runner):
         cfg = load_config(recipe, overrides, check_data=False)
         plan = make_plan(cfg, 1, with_counts=False, train_samples=args.batch * 1000, num_classes=args.num_classes)
         torch.manual_seed(0)
-        try:
-            engine, _ = initialize(build_model(cfg, plan), cfg, plan)
-            optimizer = "the trainer's own"
-        except Exception as e:  # noqa: BLE001 - DeepSpeed's FusedAdam compiles at first use and needs nvcc
-            if device.type != "cuda":
-                raise
-            why = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-            print(f"  {name} trainer: DeepSpeed's optimizer failed to build ({why}); "
-                  "retrying with torch's fused AdamW under DeepSpeed", flush=True)
-            cfg = load_config(recipe, [*overrides, "deepspeed.extra={optimizer: {params: {torch_adam: true, "
-                                                   "fused: true}}}"], check_data=False)
-            torch.manual_seed(0)
-            engine, _ = initialize(build_model(cfg, plan), cfg, plan)
-            optimizer = f"torch AdamW(fused=True): the trainer's failed ({why})"
+        # The trainer's own choice (optim.impl, engine.optimizer_choice): no fallback here either, so the row
+        # measures exactly what `coatnet pretrain` would run, and a build failure is the row's error.
+        impl, why = optimizer_choice(cfg)
+        engine, _ = initialize(build_model(cfg, plan), cfg, plan)
+        optimizer = f"optim.impl={impl}: {why}"
         base = getattr(engine, "basic_optimizer", None) or engine.optimizer
         self.info = {"recipe": str(recipe.relative_to(ROOT) if recipe.is_relative_to(ROOT) else recipe),
                      "zero_stage": args.zero_stage, "precision": "bf16" if input_dtype(cfg) == torch.bfloat16

@@ -16,6 +16,7 @@ trainer's reads must not grow with N (one finiteness decision per step, the loss
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -78,6 +79,20 @@ def count_host_reads(fn, n: int) -> float:
     return count / n
 
 
+def profile(fn, n: int, top: int) -> str:
+    """torch.profiler table of ``n`` calls of ``fn``: the ops (and DeepSpeed's record_function ranges) by self time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch_profile(activities=acts) as prof:
+        for _ in range(n):
+            fn()
+        _sync()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=top)
+
+
 def make_trainer_step(engine, loss_fn, dtype, ctx, plan, cfg):
     # The trainer's own input step (Trainer.inputs): uint8 pixels normalised on the device.
     return TrainStep(engine, loss_fn, lambda b: to_device(b, ctx.device, dtype, cfg, mix_classes=plan.num_classes),
@@ -97,6 +112,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (the launcher runs each rank with OMP_NUM_THREADS=1; more oversubscribe a busy host)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also torch.profiler both steps and print the top N ops by self time of each (where it goes)")
+    p.add_argument("--ds-extra", default="{}", help="JSON merged into the DeepSpeed config (deepspeed.extra)")
     a = p.parse_args()
     if not torch.cuda.is_available():
         torch.set_num_threads(a.threads)
@@ -104,7 +122,7 @@ def main() -> None:
     cfg: TrainConfig = from_dict({
         "data": {"root": "unused"}, "model": {"name": a.model, "img_size": a.img_size, "num_classes": a.classes},
         "train": {"global_batch_size": a.batch * a.accum, "micro_batch_size": a.batch, "max_steps": 10**6},
-        "deepspeed": {"zero_stage": a.zero}, "logging": {"mlflow": False},
+        "deepspeed": {"zero_stage": a.zero, "extra": json.loads(a.ds_extra)}, "logging": {"mlflow": False},
     })
     ctx = setup_distributed()
     plan = make_plan(cfg, ctx.world_size, train_samples=10**9, num_classes=a.classes)
@@ -154,6 +172,10 @@ def main() -> None:
         for name, fn in fns.items():
             times[name] += _time(fn, a.steps, 0)
     reads = {name: count_host_reads(fn, 2) for name, fn in fns.items()}
+    if a.profile and ctx.rank == 0:
+        for name, fn in fns.items():
+            print(f"--- {name}: top {a.profile} ops by self CPU time over 5 steps")
+            print(profile(fn, 5, a.profile))
     rows = []
     for name, ts in times.items():
         t = statistics.median(ts)

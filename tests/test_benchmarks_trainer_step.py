@@ -63,3 +63,22 @@ def test_trainer_row_is_skipped_with_a_message_without_deepspeed(tmp_path, monke
     assert "deepspeed is not installed" in trainer["skipped"] and "fetch-wheels.sh" in trainer["skipped"]
     assert res["ratios"] == []
     assert "skipped: deepspeed is not installed" in (tmp_path / "r.md").read_text()
+
+
+def test_every_gpu_harness_section_takes_the_options_it_is_given(tmp_path):
+    """run_h200.sh end to end with its python replaced by tests/harness_argv.py: each section's entry point parses
+    exactly the options the harness passes it (a renamed or dropped option breaks here, not on the lent GPU)."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PY": f"{sys.executable} {ROOT / 'tests' / 'harness_argv.py'}",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", "benchmarks/gpu/run_h200.sh"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    status = (out / "status.txt").read_text().splitlines()
+    sections = {"check_cuda", "c02_eager", "c02_trainer", "c02_compiled", "c5_compiled", "c7_maxbatch", "profile",
+                "loader"}
+    assert {line.split()[0] for line in status} == sections
+    assert all(line.endswith(" rc=0") for line in status), status
+    parsed = (out / "parsed.txt").read_text().splitlines()
+    assert len(parsed) == len(sections)
+    assert any("model_throughput.py" in p and "--trainer" in p for p in parsed)

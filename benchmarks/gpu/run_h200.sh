@@ -20,9 +20,9 @@
 #      count on the 16 cores, JPEG decode on GPU vs PIL (speed, pixels); needs mosaicml-streaming
 #
 # Wheels: whatever .whl/ holds (carry it; ../shared/device/fetch-wheels.sh, plus the streaming wheels listed in
-# benchmarks/gpu/README.md) is installed once into /tmp/site, which only the sections that need it
-# (c02_trainer: deepspeed; loader: streaming) put on their path; without it they are skipped with a
-# line in status.txt and the rest still runs.
+# benchmarks/gpu/README.md) is installed once into /tmp/site, which is on EVERY section's path: anything that
+# imports pipeline needs pydantic (pipeline.train.config). Without deepspeed / streaming the sections that need
+# them are skipped with a line in status.txt and the rest still runs.
 #
 # Run it through the device tool with timeout_s=600:  bash benchmarks/gpu/run_h200.sh
 # SECTIONS="loader" (names as in the SECTIONS default below) runs only those sections. A section whose limit
@@ -58,6 +58,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     > "$OUT/wheels_install.log" 2>&1 && WPATH=/tmp/site:$WPATH
 fi
+export PYTHONPATH=$WPATH  # every section: pipeline.train.config imports pydantic
 importable() { PYTHONPATH=$WPATH $PY -c "import $1" > "$OUT/import_$1.log" 2>&1; }
 
 section check_cuda 90 $PY benchmarks/gpu/check_cuda.py
@@ -65,7 +66,7 @@ section c02_eager 100 $PY $BENCH --models coatnet_0 coatnet_2 --batch 256 --peak
   --json "$OUT/c02_eager.json" --md "$OUT/c02_eager.md"
 if wanted c02_trainer; then
   if importable deepspeed; then
-    PYTHONPATH=$WPATH section c02_trainer 200 $PY $BENCH --models coatnet_0 coatnet_2 --batch 256 --peak 790 \
+    section c02_trainer 200 $PY $BENCH --models coatnet_0 coatnet_2 --batch 256 --peak 790 \
       --steps 15 --warmup 3 --trainer --json "$OUT/c02_trainer.json" --md "$OUT/c02_trainer.md"
   else
     echo "c02_trainer skipped: deepspeed not importable (run ../shared/device/fetch-wheels.sh, carry .whl;" \
@@ -82,7 +83,7 @@ section profile 45 $PY benchmarks/gpu/profile_step.py --model coatnet_0 --batch 
 if wanted loader; then
   if importable streaming; then
     # 24 passes (2 recipes x 2 paths x 3 worker counts x 2 repeats) of about 3.5 s, and making the corpus.
-    PYTHONPATH=$WPATH section loader 200 $PY benchmarks/loader_throughput.py --images 2048 --batch 32 \
+    section loader 200 $PY benchmarks/loader_throughput.py --images 2048 --batch 32 \
       --workers 1 8 16 --repeats 2 --pass-seconds 3 --project-cores 16 --gpu-decode --json "$OUT/loader.json"
   else
     echo "loader skipped: mosaicml-streaming not importable (fetch the wheels in benchmarks/gpu/README.md" \

@@ -68,6 +68,9 @@ class ModelConfig:
     # Extra keyword arguments for the model's constructor (architecture tweaks): coatnet.create_model's, or
     # timm.create_model's for a model.name of timm/<name> (pipeline.models).
     overrides: dict = field(default_factory=dict)
+    # Regional torch.compile of each repeated block (engine.compile_choice). auto: on for CUDA with ZeRO 0-2,
+    # off on CPU and under ZeRO-3 (its per-module gather hooks break the graphs).
+    compile: Literal["auto"] | Bool = "auto"
 
 
 @section
@@ -148,6 +151,9 @@ class OptimConfig:
     eps: Float = 1e-8
     # 0 disables clipping.
     grad_clip: Annotated[Float, NonNegative] = 1.0
+    # The AdamW implementation (engine.optimizer_choice). auto: torch's fused AdamW on CUDA, torch's on CPU;
+    # never a silent fallback: an explicit choice that cannot run fails at build.
+    impl: Literal["auto", "deepspeed_fused", "torch_fused", "torch"] = "auto"
 
 
 

@@ -48,6 +48,56 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def optimizer_choice(cfg: TrainConfig) -> tuple[str, str]:
+    """(AdamW implementation, why): the dry run prints both; the engine builds exactly that one."""
+    impl = cfg.optim.impl
+    if impl != "auto":
+        return impl, "optim.impl in the recipe"
+    if on_gpu():
+        # DeepSpeed 0.19.8's FusedAdam JIT build fails on Hopper (sm_90a): "invalid literal for int() with
+        # base 10: '0a'"; torch's fused AdamW is one multi-tensor kernel too and needs no build.
+        return "torch_fused", ("CUDA: torch's fused AdamW (DeepSpeed's FusedAdam JIT build fails on sm_90a with "
+                               "\"invalid literal for int() with base 10: '0a'\")")
+    return "torch", "CPU: no fused kernel exists there"
+
+
+def compile_choice(cfg: TrainConfig) -> tuple[bool, str]:
+    """(compile the repeated blocks, why)."""
+    c = cfg.model.compile
+    if c != "auto":
+        return c, "model.compile in the recipe"
+    if not on_gpu():
+        return False, "CPU: compile time outweighs the step (set model.compile: true to force)"
+    if partitioned(cfg):
+        return False, "ZeRO-3: its per-module parameter gathers break the compiled graphs"
+    return True, "CUDA with ZeRO 0-2: regional compile, each distinct block compiled once"
+
+
+def compile_regions(model: nn.Module) -> int:
+    """Compile each block of every ``blocks`` list in place (``Module.compile``: names and state dict unchanged).
+
+    Identical blocks share one compiled code object (parameters are graph inputs), so the first step compiles
+    once per distinct block shape, not once per block nor the whole model at once. Returns the blocks compiled;
+    a model without ``blocks`` lists is compiled whole.
+    """
+    n = 0
+    for module in model.modules():
+        blocks = getattr(module, "blocks", None)
+        if isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+            for block in blocks:
+                block.compile()
+                n += 1
+    if n == 0:
+        model.compile()
+    return n
+
+
+def _adamw(impl: str) -> dict[str, Any]:
+    # torch_adam: DeepSpeed builds torch.optim.AdamW with the remaining params (fused passes through).
+    return {"deepspeed_fused": {"torch_adam": False}, "torch_fused": {"torch_adam": True, "fused": True},
+            "torch": {"torch_adam": True}}[impl]
+
+
 def ds_config(cfg: TrainConfig, plan: Plan) -> dict[str, Any]:
     ds = cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage, "contiguous_gradients": True, "overlap_comm": on_gpu()}
@@ -65,9 +115,7 @@ def ds_config(cfg: TrainConfig, plan: Plan) -> dict[str, Any]:
             "type": "AdamW",
             "params": {
                 "lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
-                "weight_decay": cfg.optim.weight_decay,
-                # DeepSpeed's FusedAdam needs CUDA; torch's AdamW runs everywhere.
-                "torch_adam": not on_gpu(),
+                "weight_decay": cfg.optim.weight_decay, **_adamw(optimizer_choice(cfg)[0]),
             },
         },
         "bf16": {"enabled": precision(cfg) == "bf16"},
@@ -100,6 +148,8 @@ def build_model(cfg: TrainConfig, plan: Plan) -> nn.Module:
         load_init_weights(model, m.init_weights)
     if m.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if compile_choice(cfg)[0]:
+        compile_regions(model)
     return model
 
 

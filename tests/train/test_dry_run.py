@@ -49,12 +49,35 @@ def test_21k_recipe_without_credentials_prints_the_whole_plan(no_credentials, ca
     assert any("NoCredentialsError" in w and "data.num_samples" not in w for w in warnings)
     assert err.count("WARNING: ") == len(warnings) == 2
     assert not (tmp_path / "run").exists()
+    # The implementation choices and why (this machine has no GPU): nothing falls back silently.
+    assert p["optimizer"] == {"impl": "torch", "reason": "CPU: no fused kernel exists there"}
+    assert p["deepspeed"]["optimizer"]["params"]["torch_adam"] is True and "fused" not in p["deepspeed"]["optimizer"]["params"]
+    assert p["compile"]["enabled"] is False and p["compile"]["reason"].startswith("CPU")
     # The same as text: every figure of the plan, the warnings after it.
     rc, out, err = _run(capsys, "pretrain", "--config", IN21K, "--dry-run", "--nproc", "8")
     assert rc == 0 and "WARNING: credentials" in err
     for line in ("world      8 ranks", "batch      global 4096 = micro 64 x accumulation 8 x 8 ranks",
-                 f"over {samples} samples", "training FLOPs/image", "GiB per rank"):
+                 f"over {samples} samples", "training FLOPs/image", "GiB per rank",
+                 "optimizer  AdamW torch: CPU", "compile    off: CPU"):
         assert line in out["text"]
+
+
+def test_explicit_optimizer_and_compile_choices_are_taken_and_said(no_credentials, capsys):
+    rc, out, err = _run(capsys, "pretrain", "--config", IN21K, "--dry-run", "--nproc", "8", "--json",
+                        "optim.impl=torch_fused", "model.compile=true")
+    assert rc == 0, err
+    p = out["plan"]
+    assert p["optimizer"] == {"impl": "torch_fused", "reason": "optim.impl in the recipe"}
+    assert p["deepspeed"]["optimizer"]["params"]["fused"] is True
+    assert p["compile"] == {"enabled": True, "reason": "model.compile in the recipe"}
+
+
+def test_one_rank_zero2_is_flagged_with_its_cost(no_credentials, capsys):
+    rc, out, _ = _run(capsys, "pretrain", "--config", IN21K, "--dry-run", "--nproc", "1", "--json")
+    assert rc == 0 and any(w.startswith("deepspeed: ZeRO-2 on one rank") for w in out["warnings"])
+    rc, out, _ = _run(capsys, "pretrain", "--config", IN21K, "--dry-run", "--nproc", "1", "--json",
+                      "deepspeed.zero_stage=0")
+    assert rc == 0 and not any(w.startswith("deepspeed:") for w in out["warnings"])
 
 
 def test_unreadable_bucket_falls_back_to_data_num_samples(s3_endpoint, capsys):
