@@ -19,6 +19,7 @@ from pipeline.finetune.config import from_mapping
 from pipeline.finetune.finetune import _check_fits, _target_model
 from pipeline.train import launch
 from pipeline.train.config import ConfigError, load_config, read_recipe
+from pipeline.train.dry_run import dry_run
 
 REPO = Path(__file__).resolve().parents[2]
 PEER = REPO / "configs" / "pretrain" / "demo_timm_maxxvit.yaml"
@@ -138,8 +139,6 @@ def test_classifier_keys_for_head_transfer():
 
 
 def test_dry_run_sizes_a_timm_model_like_a_coatnet():
-    from pipeline.train.dry_run import dry_run
-
     recipe = REPO / "configs" / "pretrain" / "coatnet_0_in1k.yaml"
     ours = dry_run(recipe, ["data.num_samples=imagenet1k"], world_size=8)
     peer = dry_run(recipe, ["data.num_samples=imagenet1k", "model.name=timm/coatnet_0_224"], world_size=8)

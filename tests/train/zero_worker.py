@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 import coatnet
+from pipeline import models
 from pipeline.train.checkpoint import CheckpointManager, convert_to_universal
 from pipeline.train.config import load_config, make_plan
 from pipeline.train.distributed import setup_distributed
@@ -93,8 +94,6 @@ def check_init(out: Path, world: int, rank: int) -> dict:
 
 def check_init_timm(out: Path, world: int) -> dict:
     """A timm model under ZeRO-3: built whole (its init cannot run on partitions), then partitioned."""
-    from pipeline import models
-
     peer = load_config(REPO / "configs" / "pretrain" / "demo_timm_maxxvit.yaml", check_data=False).model
     cfg = config(out, 3, f"model.name={peer.name}", f"model.overrides={json.dumps(peer.overrides)}")
     torch.manual_seed(cfg.seed)
