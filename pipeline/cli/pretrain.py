@@ -95,7 +95,7 @@ def _dry_run(args: argparse.Namespace) -> int:
 def print_dry_run(dry, *, config_path: str, launcher: str, as_json: bool, extra: dict | None = None) -> None:
     """The plan on stdout (text, or JSON with ``--json``); each warning on stderr as ``WARNING: ...``."""
     # lazy: keeps `coatnet --help` light, as above
-    from pipeline.train.engine import compile_choice, ds_config, optimizer_choice
+    from pipeline.train.engine import compile_choice, ds_config, optimizer_choice, zero_layout
 
     cfg, p = dry.config, dry.plan
     info = {"config": config_path, "config_hash": cfg.config_hash, "launcher": launcher, **p.to_dict(),
@@ -103,7 +103,8 @@ def print_dry_run(dry, *, config_path: str, launcher: str, as_json: bool, extra:
             "memory_gib_per_rank": dry.memory_gib_per_rank, "samples_from": dry.samples_from,
             "classes_from": dry.classes_from, "deepspeed": ds_config(cfg, p),
             "optimizer": dict(zip(("impl", "reason"), optimizer_choice(cfg), strict=True)),
-            "compile": dict(zip(("enabled", "reason"), compile_choice(cfg), strict=True))}
+            "compile": dict(zip(("enabled", "reason"), compile_choice(cfg), strict=True)),
+            "zero_layout": dict(zip(("settings", "reason"), zero_layout(cfg, p), strict=True))}
     if as_json:
         print(json.dumps({**(extra or {}), "plan": info, "warnings": list(dry.warnings), "resolved": cfg.to_dict()},
                          indent=2, default=str))
@@ -136,6 +137,9 @@ def _print_plan(dry, info: dict, config_path: str, launcher: str) -> None:
     print("deepspeed  " + json.dumps(info["deepspeed"]))
     print(f"optimizer  AdamW {info['optimizer']['impl']}: {info['optimizer']['reason']}")
     print(f"compile    {'on' if info['compile']['enabled'] else 'off'}: {info['compile']['reason']}")
+    if cfg.deepspeed.zero_stage:
+        layout = ", ".join(f"{k}={v}" for k, v in info["zero_layout"]["settings"].items())
+        print(f"zero       {layout}: {info['zero_layout']['reason']}")
 
 
 def _fmt(n: float | None) -> str:

@@ -57,7 +57,8 @@ class DistContext:
         """True when ``flag`` (a boolean on this rank's device) is true on every rank: one all-reduce, and the
         one host synchronisation of an optimizer step (all ranks must agree to discard a step or go on)."""
         t = flag.detach().to(self.device, torch.int32).reshape(1)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        if self.world_size > 1:  # a collective over one rank is a launch and a wait for nothing
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item())
 
     def all_sum(self, values: torch.Tensor) -> torch.Tensor:

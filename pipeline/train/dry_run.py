@@ -74,7 +74,8 @@ def dry_run(config: TrainConfig | str | os.PathLike, overrides: list[str] | tupl
     if world_size == 1 and cfg.deepspeed.zero_stage in (1, 2) and not cfg.deepspeed.offload_optimizer:
         # Profiled (benchmarks/train_overhead.py --profile): on one rank ZeRO-1/2 partition nothing, yet every
         # parameter's gradient hook copies it into a reduce bucket and the buckets are all-reduced over a world
-        # of one: about 0.81x the bare step against 0.86-0.90x with stage 0 (coatnet_pico, CPU).
+        # of one: about 0.85x the bare step (contiguous_gradients off, engine.zero_layout) against 0.91-0.97x with
+        # stage 0, whose one-rank engine skips the all-reduce (coatnet_pico, CPU).
         warnings.append(f"deepspeed: ZeRO-{cfg.deepspeed.zero_stage} on one rank partitions nothing and costs "
                         "gradient-bucket copies each step; deepspeed.zero_stage=0 is faster for a one-rank run "
                         "(its checkpoints resume on other world sizes only through a universal checkpoint)")

@@ -61,6 +61,18 @@ def optimizer_choice(cfg: TrainConfig) -> tuple[str, str]:
     return "torch", "CPU: no fused kernel exists there"
 
 
+def zero_layout(cfg: TrainConfig, plan: Plan) -> tuple[dict[str, bool], str]:
+    """(the ZeRO gradient layout for this world size, why); ``deepspeed.extra`` still overrides it."""
+    if plan.world_size == 1:
+        # Profiled (benchmarks/train_overhead.py --zero 2): contiguous_gradients copies every gradient into a
+        # flat buffer as backward produces it, which only pays when other ranks read slices of that buffer.
+        return ({"contiguous_gradients": False, "overlap_comm": False},
+                "one rank: no gradient buffer to keep contiguous for a reduce-scatter, no communication to overlap")
+    return ({"contiguous_gradients": True, "overlap_comm": on_gpu()},
+            "several ranks: contiguous gradient buckets for the reduce-scatter"
+            + (", overlapped with backward on CUDA" if on_gpu() else " (gloo: no overlap on CPU)"))
+
+
 def compile_choice(cfg: TrainConfig) -> tuple[bool, str]:
     """(compile the repeated blocks, why)."""
     c = cfg.model.compile
@@ -100,7 +112,7 @@ def _adamw(impl: str) -> dict[str, Any]:
 
 def ds_config(cfg: TrainConfig, plan: Plan) -> dict[str, Any]:
     ds = cfg.deepspeed
-    zero: dict[str, Any] = {"stage": ds.zero_stage, "contiguous_gradients": True, "overlap_comm": on_gpu()}
+    zero: dict[str, Any] = {"stage": ds.zero_stage, **zero_layout(cfg, plan)[0]}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu()}
     if ds.offload_params:
@@ -247,6 +259,19 @@ def initialize(model: nn.Module, cfg: TrainConfig, plan: Plan, *, load_universal
         lr_scheduler=lr_scheduler_factory(total_steps=plan.total_steps, warmup_steps=plan.warmup_steps,
                                           optim=cfg.optim, schedule=cfg.schedule),
     )
+    if engine.dp_world_size == 1 and not engine.zero_optimization():
+        # Without ZeRO, DeepSpeed's backward all-reduces the gradients even over a world of one: it flattens every
+        # gradient into a bucket, reduces it with itself and copies it back (buffered_allreduce_fallback), a
+        # tenth of a small model's CPU step (benchmarks/train_overhead.py --zero 0). Over one rank the reduce is
+        # the identity; ZeRO 1-3 keep theirs, since their optimizers read the reduced partitions.
+        engine.enable_backward_allreduce = False
+    if not engine.zero_optimization() and engine.mpu is None:
+        # DeepSpeed's fp32 clipping without ZeRO takes one norm per parameter in a Python loop, then all-reduces
+        # the total for MoE (it has none here: after the gradient all-reduce every rank holds the same gradients).
+        # torch's is the same global L2 clip with one multi-tensor norm: 2 of a small model's 30 ms CPU step.
+        clip = engine.gradient_clipping()
+        engine.clip_fp32_gradients = lambda: torch.nn.utils.clip_grad_norm_(engine.module.parameters(), clip,
+                                                                             foreach=True)
     return engine, scheduler
 
 

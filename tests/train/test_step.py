@@ -1,5 +1,6 @@
 """One optimizer step on a real DeepSpeed engine (one CPU rank, ZeRO 0-3): a step with a non-finite loss is
-discarded whole and leaves no trace, and the step makes one host synchronisation however many micro-batches."""
+discarded whole and leaves no trace, the step makes one host synchronisation however many micro-batches, and one
+rank without ZeRO skips the gradient all-reduce without changing a weight."""
 
 from __future__ import annotations
 
@@ -41,13 +42,18 @@ def params(engine):
         return [p.detach().clone() for p in ps]
 
 
-def trajectory(stage, accum, bad_step=None):
+def trajectory(stage, accum, bad_step=None, reduce_anyway=False, deepspeeds_clip=False):
     cfg = from_dict({"data": {"root": "unused"}, "model": {"name": "coatnet_pico", "img_size": 32, "drop_path_rate": 0.0},
                      "train": {"global_batch_size": 4 * accum, "micro_batch_size": 4, "max_steps": 100},
-                     "deepspeed": {"zero_stage": stage}, "logging": {"mlflow": False}})
+                     "deepspeed": {"zero_stage": stage}, "logging": {"mlflow": False},
+                     "optim": {"grad_clip": 0.05}})  # small enough to clip every step
     plan = make_plan(cfg, 1, train_samples=10**6, num_classes=10)
     torch.manual_seed(0)
     engine, sched = initialize(build_model(cfg, plan), cfg, plan)
+    reduces = engine.enable_backward_allreduce
+    engine.enable_backward_allreduce |= reduce_anyway
+    if deepspeeds_clip:
+        del engine.clip_fp32_gradients  # back to the class's own
     g = torch.Generator().manual_seed(1)
     data = [{"image": torch.randn(4, 3, 32, 32, generator=g), "label": torch.randint(0, 10, (4,), generator=g),
              "key": ["k"] * 4} for _ in range(4 * accum)]
@@ -68,15 +74,19 @@ def trajectory(stage, accum, bad_step=None):
         else:
             applied.append(step(batches).applied)
         owner.state.step += 1
-    return params(engine), sched.get_last_lr()[0], applied, len(syncs)
+    return params(engine), sched.get_last_lr()[0], applied, len(syncs), reduces
 
 
 out = {}
 for stage in map(int, sys.argv[1].split(",")):
     for accum in (1, 2):
-        ref_w, ref_lr, ref_applied, ref_syncs = trajectory(stage, accum)
-        w, lr, applied, syncs = trajectory(stage, accum, bad_step=1)
+        ref_w, ref_lr, ref_applied, ref_syncs, reduces = trajectory(stage, accum)
+        w, lr, applied, syncs, _ = trajectory(stage, accum, bad_step=1)
+        reduced_w = trajectory(stage, accum, reduce_anyway=True)[0]
+        ds_clip_w = trajectory(stage, accum, deepspeeds_clip=True)[0] if stage == 0 else ref_w
         out[f"{stage}/{accum}"] = {
+            "clip_diff": max(float((a - b).abs().max()) for a, b in zip(ref_w, ds_clip_w)),
+            "reduces": reduces, "same_as_reduced": all(torch.equal(a, b) for a, b in zip(ref_w, reduced_w)),
             "same_weights": all(torch.equal(a, b) for a, b in zip(ref_w, w)),
             "same_lr": ref_lr == lr, "applied": applied, "ref_applied": ref_applied,
             "syncs_per_step": [ref_syncs / 3, syncs / 4],
@@ -102,6 +112,11 @@ def test_a_nonfinite_step_is_discarded_whole_under_every_zero_stage():
         assert r["applied"] == [True, False, True, True] and r["ref_applied"] == [True] * 3, key
         assert r["same_weights"] and r["same_lr"], (key, r)
         assert r["syncs_per_step"] == [1, 1], (key, r)  # one, whatever the number of micro-batches
+        # One rank without ZeRO skips DeepSpeed's gradient all-reduce (a copy of every gradient there and back)
+        # and ends where the reducing engine does; ZeRO 1-3 keep theirs (their optimizers read its partitions).
+        assert r["reduces"] == (not key.startswith("0/")) and r["same_as_reduced"], (key, r)
+        # ZeRO-0 clips with torch's multi-tensor clip_grad_norm_ instead of DeepSpeed's per-parameter loop.
+        assert r["clip_diff"] < 1e-5, (key, r)  # the same clip, summed in another order
 
 
 # The trainer's compiled path (model.compile: true, engine.compile_regions) against its eager path: same recipe,
