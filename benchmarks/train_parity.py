@@ -51,8 +51,8 @@ ROTATIONS = 4
 NUM_CLASSES = digits.NUM_DIGITS * ROTATIONS
 PICO_SHAPE = dict(embed_dim=(24, 32, 64, 128), depths=(1, 1, 1, 1), stem_width=16, transformer_dim_head=16)
 TIMM_PEER = "coatnet_0_224"
-# head_hidden_size=None: timm's plain norm -> pool -> fc head (coatnet_0_224's own adds a 768-wide tanh layer)
-TIMM_PICO_OVERRIDES = dict(PICO_SHAPE, head_hidden_size=None)
+# head_hidden_size=0 (timm drops None kwargs, which would keep the 768-wide layer): timm's plain norm -> pool -> fc head (coatnet_0_224's own adds a 768-wide tanh layer)
+TIMM_PICO_OVERRIDES = dict(PICO_SHAPE, head_hidden_size=0)
 
 
 # --- data ------------------------------------------------------------------------------------------
