@@ -16,6 +16,7 @@ BLOCK_TYPES = ("mbconv", "transformer")
 DOWNSAMPLE_MODES = ("eq5", "strided_dwconv")
 POOL_TYPES = ("max", "avg")
 ATTN_IMPLS = ("sdpa", "eager")
+TRANSFORMER_INITS = ("xavier_uniform", "normal")
 
 
 def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -57,7 +58,11 @@ class CoAtNetConfig:
     bn_eps: float = 1e-3
     bn_momentum: float = 0.01  # PyTorch convention (= TF 0.99)
     ln_eps: float = 1e-5
-    init_std: float = 0.02
+    init_std: float = 0.02  # normal(init_std): convs, SE, head and relative tables
+    # The attention and MLP linears of the transformer blocks. xavier_uniform scales with width (ViT's and
+    # timm's choice; at CoAtNet-0's S4 it is 0.026, near MaxViT's 0.02); a fixed normal(0.02) starves small
+    # widths: coatnet_pico at 64 px reached 0.11 top-1 after one epoch against 0.67 (benchmarks/train_parity.py).
+    transformer_init: str = "xavier_uniform"
     # Run-time options: same parameters and same function, different kernels/layouts.
     attn_impl: str = "sdpa"  # "sdpa": F.scaled_dot_product_attention with a float mask; "eager": reference
     channels_last: bool = True  # activations (never parameters) in channels_last memory
@@ -91,6 +96,8 @@ class CoAtNetConfig:
             raise ValueError(f"{self.name}: downsample {self.downsample!r} not in {DOWNSAMPLE_MODES}")
         if self.pool not in POOL_TYPES:
             raise ValueError(f"{self.name}: pool {self.pool!r} not in {POOL_TYPES}")
+        if self.transformer_init not in TRANSFORMER_INITS:
+            raise ValueError(f"{self.name}: transformer_init {self.transformer_init!r} not in {TRANSFORMER_INITS}")
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"{self.name}: attn_impl {self.attn_impl!r} not in {ATTN_IMPLS}")
         if not 0.0 <= self.drop_path_rate < 1.0:

@@ -60,9 +60,14 @@ def batch_norm(channels: int, eps: float, momentum: float) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, eps=eps, momentum=momentum)
 
 
-def init_weights(module: nn.Module, std: float) -> None:
-    """normal(std) for conv/linear weights, zero biases, unit/zero norms (MaxViT's choices; the paper is silent)."""
-    if isinstance(module, nn.Conv2d | nn.Linear):
+def init_weights(module: nn.Module, std: float, xavier: frozenset[int] = frozenset()) -> None:
+    """normal(std) for conv/linear weights, zero biases, unit/zero norms (MaxViT's choices; the paper is silent);
+    xavier_uniform for the linears whose ``id`` is in ``xavier``."""
+    if isinstance(module, nn.Linear) and id(module) in xavier:
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d | nn.Linear):
         nn.init.normal_(module.weight, std=std)
         if module.bias is not None:
             nn.init.zeros_(module.bias)

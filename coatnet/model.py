@@ -95,7 +95,10 @@ class CoAtNet(nn.Module):
         leaves, so visiting them with ``apply`` keeps the order of ``modules()``.
         """
         std = self.config.init_std
-        self.apply(lambda m: init_weights(m, std))
+        xavier = frozenset(id(m) for block in self.modules() if isinstance(block, TransformerBlock)
+                           for m in block.modules() if isinstance(m, nn.Linear)) \
+            if self.config.transformer_init == "xavier_uniform" else frozenset()
+        self.apply(lambda m: init_weights(m, std, xavier))
         self.apply(lambda m: _init_table(m, std))
 
     def reset_classifier(self, num_classes: int) -> None:
