@@ -30,6 +30,7 @@ COMMANDS: tuple[str, ...] = (
     "shard",
     "shards",
     "pretrain",
+    "checkpoints",
     "finetune",
     "evaluate",
     "register",

@@ -6,7 +6,9 @@ Layout (``{output_dir}/checkpoints``)::
     step_00000100/            engine.save_checkpoint(tag=...) files of every rank
     step_00000100/rank_00000.pt   this rank's RNG states (ranks draw different dropout masks)
     step_00000100/ema/        the sharded EMA, itself a DeepSpeed ZeRO checkpoint of the EMA weights (ema.py)
+    step_00000100/manifest.json   written by rank 0 just before complete.json: size and hash of every file
     step_00000100/complete.json   written by rank 0 after a barrier: step, config hash, world size
+    damaged/step_00000100/    a checkpoint that failed its manifest on resume, kept aside (never deleted)
     step_00000100/universal/  made on demand: DeepSpeed's universal checkpoint of this step (cached)
     latest                    the newest complete tag (the same file DeepSpeed and zero_to_fp32 read)
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -40,10 +43,12 @@ import torch.distributed as dist
 from pipeline import storage
 from pipeline.errors import UserError
 from pipeline.train import ema as ema_mod
+from pipeline.train import manifest
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 COMPLETE = "complete.json"
 LATEST = "latest"
+DAMAGED = "damaged"
 UNIVERSAL = "universal"
 
 
@@ -156,6 +161,11 @@ class CheckpointManager:
         if self.rank == 0:
             marker = {"tag": tag, "step": step, "config_hash": config_hash, "world_size": world_size,
                       "time": time.time()}
+            # Before the marker, so that every complete checkpoint has one (manifest.py). It covers the files
+            # on rank 0's filesystem: all of them on one node or a shared filesystem.
+            record = manifest.write(path)
+            if self.upload_uri:
+                storage.write_text(storage.join(self.upload_uri, tag, manifest.MANIFEST), json.dumps(record, indent=1))
             (path / COMPLETE).write_text(json.dumps(marker, indent=2))
             if self.upload_uri:
                 storage.write_text(storage.join(self.upload_uri, tag, COMPLETE), json.dumps(marker, indent=2))
@@ -191,6 +201,20 @@ class CheckpointManager:
         tags = complete_tags(self.directory)
         return tags[-1] if tags else None
 
+    def _set_aside_damaged(self) -> None:
+        """Newest first, move complete checkpoints that fail their manifest to ``damaged/`` until an intact one."""
+        for tag in reversed(complete_tags(self.directory)):
+            wrong = manifest.problem(self.directory / tag)
+            if wrong is None:
+                return
+            dest = self.directory / DAMAGED / tag
+            if dest.exists():
+                dest = dest.with_name(f"{tag}.{int(time.time())}")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / tag).rename(dest)
+            print(f"checkpoint {tag} is damaged: {wrong}; moved aside to {dest}, trying the one before it",
+                  flush=True)
+
     def _latest_remote(self) -> str | None:
         """The newest complete tag of the object-storage copy, without downloading it."""
         if not self.upload_uri:
@@ -225,7 +249,14 @@ class CheckpointManager:
         if resume == "none":
             return None
         if resume == "auto":
+            if self.local_rank == 0:
+                self._set_aside_damaged()
+            _barrier()
             tag = self._latest_local()
+            if tag is None and (self.directory / DAMAGED).is_dir() and not self.upload_uri:
+                raise ResumeError(
+                    f"no intact checkpoint under {self.directory}: the damaged ones are kept in "
+                    f"{self.directory / DAMAGED}; start afresh with --resume none, or name one with --resume PATH")
             if tag is None and self.upload_uri:
                 tag = self._fetch_remote()
                 _barrier()
@@ -253,8 +284,13 @@ class CheckpointManager:
         # fp32 partitions of the optimizer state); loading them would trip the model's own load hook,
         # which checks head and table shapes. Only the buffers are taken from it.
         skip_module = {"custom_load_fn": _load_buffers_only} if engine.zero_optimization_partition_weights() else {}
-        _, client_state = engine.load_checkpoint(str(point.root), tag=point.tag, load_optimizer_states=True,
-                                                 load_lr_scheduler_states=True, **skip_module)
+        try:
+            _, client_state = engine.load_checkpoint(str(point.root), tag=point.tag, load_optimizer_states=True,
+                                                     load_lr_scheduler_states=True, **skip_module)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # torch's zip reader on a cut file
+            raise ResumeError(f"checkpoint {point.path} cannot be read ({' '.join(str(e).split())[:200]}); "
+                              f"check it with `coatnet checkpoints verify {point.root.parent}`, or resume from "
+                              "another with --resume PATH") from e
         if client_state is None:
             raise ResumeError(f"DeepSpeed could not load {point.path}")
         if ema is not None:
