@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from train_helpers import tiny
+from train_helpers import read_losses, tiny
 
 from pipeline.cli import main
 from pipeline.train import launch, manifest
@@ -19,11 +19,6 @@ SMALL = ["data.train_split=minival", "data.eval_split=minival", "train.global_ba
          "train.micro_batch_size=16", "eval.max_samples=16", "ema.decay=0.9", "checkpoint.interval_steps=2",
          "checkpoint.keep_last=3", "train.record_samples=true", "deepspeed.zero_stage=2"]
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "demo.yaml"
-
-
-def _losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +76,7 @@ def test_a_truncated_checkpoint_is_set_aside_and_the_run_goes_on_from_the_one_be
     assert resumed.finished and resumed.step == 6
     assert (ckpt / "damaged" / "step_00000004" / f.name).is_file()  # kept, not deleted
     # From step 2 on, the losses of the run never interrupted.
-    got, want = _losses(cut), _losses(ref.output_dir)
+    got, want = read_losses(cut), read_losses(ref.output_dir)
     for step in (4, 6):
         assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), step
     assert main(["checkpoints", "verify", str(cut)]) == 0

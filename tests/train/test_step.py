@@ -95,13 +95,19 @@ print("RESULT " + json.dumps(out))
 """
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_a_nonfinite_step_is_discarded_whole_under_every_zero_stage():
+def _child_env() -> dict[str, str]:
+    """This checkout on the path, DeepSpeed on CPU, and none of a launcher's rank variables."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_nonfinite_step_is_discarded_whole_under_every_zero_stage():
+    env = _child_env()
     proc = subprocess.run([sys.executable, "-c", SCRIPT, "0,1,2,3"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=280)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -172,10 +178,7 @@ print("RESULT " + json.dumps({
 
 @pytest.mark.timeout(300)
 def test_the_trainers_compiled_step_matches_its_eager_step():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = _child_env()
     proc = subprocess.run([sys.executable, "-c", COMPILED], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=280)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]

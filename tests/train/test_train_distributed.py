@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import tiny
+from train_helpers import read_losses, read_samples, tiny
 
 import coatnet
 from pipeline import storage
@@ -25,25 +25,6 @@ SMALL = ["data.train_split=minival", "data.eval_split=minival", "train.global_ba
          "train.micro_batch_size=8", "eval.max_samples=32"]
 
 
-def _losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-def _samples(out: Path) -> dict[int, list[str]]:
-    """Keys consumed per optimizer step, over all ranks and micro-batches (sorted per step).
-
-    A step redone after a resume replaces what the interrupted run recorded for it.
-    """
-    per_step: dict[int, list[str]] = {}
-    for f in sorted(Path(out, "samples").glob("rank*.jsonl")):
-        rows = [json.loads(line) for line in f.read_text().splitlines()]
-        last = {(r["step"], r["micro"]): r["keys"] for r in rows}  # later lines win
-        for (step, _), keys in sorted(last.items()):
-            per_step.setdefault(step, []).extend(keys)
-    return {k: sorted(v) for k, v in per_step.items()}
-
-
 @pytest.mark.timeout(420)
 def test_zero2_two_ranks_from_s3_trains_checkpoints_and_exports(digits_shards, recipe, tmp_path, monkeypatch):
     out = tmp_path / "run"
@@ -57,7 +38,7 @@ def test_zero2_two_ranks_from_s3_trains_checkpoints_and_exports(digits_shards, r
                                  "logging.mlflow=true", f"logging.mlflow_tracking_uri=sqlite:///{db}"),
                     launcher="local", nproc=2)
     assert result.finished and result.step == 24
-    losses = _losses(out)
+    losses = read_losses(out)
     first, last = losses[min(losses)], losses[max(losses)]
     assert last < 0.7 * first, losses
     # Checkpoints: interval + end, last 2 kept, latest marker names the final one.
@@ -114,7 +95,7 @@ def reference_run(digits_shards, tmp_path_factory):
 def test_crash_and_resume_is_sample_exact(reference_run, tmp_path, monkeypatch):
     """Stopped by a non-finite loss at step 5 (checkpoint at 4), resumed: same weights, losses and samples."""
     recipe, overrides, ref = reference_run
-    ref_losses, ref_samples = _losses(ref.output_dir), _samples(ref.output_dir)
+    ref_losses, ref_samples = read_losses(ref.output_dir), read_samples(ref.output_dir)
     assert ref.finished and ref_losses[8] < ref_losses[2]
     out = tmp_path / "run"
     mine = [o for o in overrides if not o.startswith("output_dir=")] + [f"output_dir={out}"]
@@ -134,12 +115,12 @@ def test_crash_and_resume_is_sample_exact(reference_run, tmp_path, monkeypatch):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
-    got = _losses(out)
+    got = read_losses(out)
     assert got.keys() == ref_losses.keys()
     for step in ref_losses:
         assert got[step] == pytest.approx(ref_losses[step], rel=1e-4, abs=1e-5), step
     # The same samples at every step; within an epoch none twice and none skipped.
-    samples = _samples(out)
+    samples = read_samples(out)
     assert samples == ref_samples
     spe = json.loads(Path(out, "plan.json").read_text())["steps_per_epoch"]
     assert spe < 8  # the run crossed epoch boundaries, and the crash (step 5) fell inside an epoch
@@ -168,4 +149,4 @@ def test_ray_train_launcher_restarts_a_lost_worker_and_matches_reference(referen
     a, b = load_file(ref.weights), load_file(result.weights)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
-    assert _samples(out) == _samples(ref.output_dir)
+    assert read_samples(out) == read_samples(ref.output_dir)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from train_helpers import tiny
+from train_helpers import read_losses, read_samples, tiny
 
 from pipeline import models
 from pipeline.cli import main
@@ -30,20 +30,6 @@ TIMM = ["model.img_size=32", "data.train_split=minival", "data.eval_split=miniva
         "model.grad_checkpointing=true"]  # timm's set_grad_checkpointing, under ZeRO-3
 
 
-def _losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-def _samples(out: Path) -> dict[int, list[str]]:
-    per_step: dict[int, list[str]] = {}
-    for f in sorted(Path(out, "samples").glob("rank*.jsonl")):
-        last = {(r["step"], r["micro"]): r["keys"] for r in map(json.loads, f.read_text().splitlines())}
-        for (step, _), keys in sorted(last.items()):
-            per_step.setdefault(step, []).extend(keys)
-    return {k: sorted(v) for k, v in per_step.items()}
-
-
 def _overrides(shards: str, out: Path) -> list[str]:
     # tiny() names coatnet_pico; the peer recipe's model (with its overrides) replaces it.
     return [o for o in tiny(shards, out, *TIMM) if not o.startswith(("model.name=", "model.img_size="))] + TIMM[:1]
@@ -60,8 +46,8 @@ def test_timm_model_trains_on_2_ranks_and_resumes_sample_exactly(digits_shards, 
     assert first.step == 2 and not first.finished
     resumed = launch(PEER, mine, launcher="local", nproc=2, resume="auto")
     assert resumed.finished and resumed.step == 4
-    assert _samples(out) == _samples(ref.output_dir)
-    want, got = _losses(ref.output_dir), _losses(out)
+    assert read_samples(out) == read_samples(ref.output_dir)
+    want, got = read_losses(ref.output_dir), read_losses(out)
     assert set(want) <= set(got)
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), step

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import tiny
+from train_helpers import read_losses, read_samples, tiny
 
 import coatnet
 from pipeline.train import launch
@@ -22,20 +22,6 @@ ELASTIC = ["data.train_split=minival", "data.eval_split=minival", "train.global_
            "train.micro_batch_size=8", "eval.max_samples=32", "deepspeed.zero_stage=3", "train.max_steps=8",
            "checkpoint.interval_steps=100", "checkpoint.keep_last=3", "train.record_samples=true", "model.drop_path_rate=0.0",
            "ema.decay=0.9", "augment.randaugment.num_ops=2", "augment.randaugment.magnitude=9"]
-
-
-def _losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-def _samples(out: Path) -> dict[int, list[str]]:
-    per_step: dict[int, list[str]] = {}
-    for f in sorted(Path(out, "samples").glob("rank*.jsonl")):
-        last = {(r["step"], r["micro"]): r["keys"] for r in map(json.loads, f.read_text().splitlines())}
-        for (step, _), keys in sorted(last.items()):
-            per_step.setdefault(step, []).extend(keys)
-    return {k: sorted(v) for k, v in per_step.items()}
 
 
 @pytest.mark.timeout(900)
@@ -54,8 +40,8 @@ def test_checkpoint_of_2_ranks_resumes_on_1_then_on_2_like_an_uninterrupted_run(
         marker = json.loads((ckpts / f"step_{step:08d}" / "universal" / "complete.json").read_text())
         assert (marker["step"], marker["source_world_size"]) == (step, source)
     # The same samples at every step, the same loss curve, the same weights and EMA.
-    assert _samples(out) == _samples(ref.output_dir)
-    want, got = _losses(ref.output_dir), _losses(out)
+    assert read_samples(out) == read_samples(ref.output_dir)
+    want, got = read_losses(ref.output_dir), read_losses(out)
     assert set(want) <= set(got)
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), (step, got[step], want[step])

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 # A tiny, fast version of the demo recipe: 2 CPU ranks, coatnet_pico at 32x32, no MLflow server.
@@ -31,3 +32,23 @@ TINY = [
 
 def tiny(shards: str, out: Path, *extra: str) -> list[str]:
     return [*TINY, f"data.root={shards}", f"output_dir={out}", *extra]
+
+
+def read_losses(out: Path) -> dict[int, float]:
+    """The logged training loss per step of the run in ``out`` (its metrics.jsonl)."""
+    rows = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def read_samples(out: Path) -> dict[int, list[str]]:
+    """Keys consumed per optimizer step, over all ranks and micro-batches (sorted per step).
+
+    A step redone after a resume replaces what the interrupted run recorded for it.
+    """
+    per_step: dict[int, list[str]] = {}
+    for f in sorted(Path(out, "samples").glob("rank*.jsonl")):
+        rows = [json.loads(line) for line in f.read_text().splitlines()]
+        last = {(r["step"], r["micro"]): r["keys"] for r in rows}  # later lines win
+        for (step, _), keys in sorted(last.items()):
+            per_step.setdefault(step, []).extend(keys)
+    return {k: sorted(v) for k, v in per_step.items()}
